@@ -1,0 +1,8 @@
+"""fastquant: post-training quantization for Vision Transformers."""
+from .config import QuantConfig
+from .errors import FastquantError
+from .quantize import quantize
+from .serialize import load, save
+
+__version__ = "0.1.0"
+__all__ = ["QuantConfig", "FastquantError", "quantize", "save", "load", "__version__"]

@@ -1,0 +1,217 @@
+"""The ``fastquant`` command line: quantize and evaluate Vision Transformers.
+
+User mistakes print one line, ``error: ...``, and exit with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from .errors import FastquantError
+
+# What `fastquant quantize` runs with no arguments at all (see README: the embedded default).
+EMBEDDED_DEFAULT = ["--model", "dinov2-s14-fmnist", "--data", "fmnist", "--method", "repq",
+                    "--w-bits", "6", "--a-bits", "6", "--eval-size", "2000"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2
+        raise FastquantError(message)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _add_model_args(p: argparse.ArgumentParser, from_file: bool = False):
+    p.add_argument("--model", default=None if from_file else "dinov2-s14-fmnist",
+                   help="dinov2-s14-fmnist, vit-tiny-fmnist, or any timm model name "
+                        + ("(default: the saved model's, else dinov2-s14-fmnist)" if from_file else "(default: %(default)s)"))
+    p.add_argument("--checkpoint", help="local weights for a timm model (.safetensors, .pth, .pt)")
+    p.add_argument("--img-size", type=_positive, help="input size in pixels (default: the model's)")
+    p.add_argument("--data", default="fmnist", help="fmnist or imagefolder:PATH (default: %(default)s)")
+    p.add_argument("--eval-size", type=_positive, help="evaluate on the first N test images (default: all)")
+    p.add_argument("--batch-size", type=_positive, default=100, help="evaluation batch size (default: %(default)s)")
+    p.add_argument("--json", type=Path, help="write the result as JSON to this file")
+    p.add_argument("--threads", type=_positive, help="CPU threads for torch (default: torch's choice)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fastquant", description="Post-training quantization for Vision Transformers.")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    q = sub.add_parser("quantize", help="quantize a model, evaluate it against full precision",
+                       description="Quantize a model and evaluate it against full precision. With no arguments: "
+                                   + " ".join(EMBEDDED_DEFAULT))
+    _add_model_args(q)
+    q.add_argument("--method", default="repq", help="rtn or repq (default: %(default)s)")
+    q.add_argument("--w-bits", type=_int, default=6, help="weight bits, 2-8 (default: %(default)s)")
+    q.add_argument("--a-bits", type=_int, default=6, help="activation bits, 2-8 (default: %(default)s)")
+    q.add_argument("--calib-size", type=_int, default=128, help="calibration images from the training split (default: %(default)s)")
+    q.add_argument("--seed", type=_int, default=0, help="seed for drawing calibration images (default: %(default)s)")
+    q.add_argument("--out", type=Path, help="save the quantized model (safetensors, integer weights)")
+    q.add_argument("--per-token", action="store_true", help="dynamic per-token activation scales")
+    e = sub.add_parser("eval", help="evaluate a full-precision or saved quantized model")
+    _add_model_args(e, from_file=True)
+    e.add_argument("--quantized", type=Path, help="a model saved by `fastquant quantize --out`")
+    return p
+
+
+def _check_out_path(path: Path | None, what: str):
+    if path is not None:
+        parent = path.resolve().parent
+        if not parent.is_dir():
+            raise FastquantError(f"{what} folder {parent} does not exist")
+        if path.is_dir():
+            raise FastquantError(f"{what} {path} is a folder")
+
+
+def _write_json(path: Path, obj: dict):
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def cmd_quantize(args) -> dict:
+    import torch
+
+    from . import QuantConfig, quantize
+    from .data import calibration_indices, load_dataset, stack
+    from .evaluate import evaluate
+    from .models import load_model
+    from .serialize import save
+
+    t0 = time.time()
+    cfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, method=args.method, per_token=args.per_token)
+    _check_out_path(args.out, "--out")
+    _check_out_path(args.json, "--json")
+    model, dcfg, spec = load_model(args.model, args.checkpoint, args.img_size)
+    train = load_dataset(args.data, "train", dcfg)
+    test = load_dataset(args.data, "test", dcfg)
+    idx = calibration_indices(len(train), args.calib_size, args.seed)
+    calib, _ = stack(train, idx)
+    if not torch.isfinite(calib).all():
+        raise FastquantError("calibration data contains NaN or Inf")
+    eval_size = min(args.eval_size or len(test), len(test))
+    fp = evaluate(model, test, eval_size, args.batch_size, desc="eval fp32")
+    t1 = time.time()
+    qmodel = quantize(model, calib, cfg)
+    t_quant = time.time() - t1
+    q = evaluate(qmodel, test, eval_size, args.batch_size, desc=f"eval W{cfg.w_bits}A{cfg.a_bits}")
+    if args.out:
+        save(qmodel, args.out)
+    result = {
+        "model": spec.name, "data": args.data, "method": cfg.method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
+        "fp_top1": round(fp, 2), "q_top1": round(q, 2), "drop": round(fp - q, 2),
+        "calib_size": len(idx), "eval_size": eval_size, "seed": args.seed, "img_size": spec.img_size,
+        "quantize_seconds": round(t_quant, 1), "seconds": round(time.time() - t0, 1),
+        "config": json.loads(cfg.to_json()), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "commit": _commit(), "out": str(args.out) if args.out else None,
+    }
+    print(_table([
+        ("model", f"{spec.name} ({spec.img_size} px) on {args.data}"),
+        ("method", f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits}"),
+        ("calibration", f"{len(idx)} training images, seed {args.seed}"),
+        ("evaluation", f"first {eval_size} test images"),
+        ("fp32 top-1", f"{fp:.2f}"),
+        ("quantized top-1", f"{q:.2f} ({q - fp:+.2f})"),
+        ("time", f"{result['seconds']:.0f} s (quantize {t_quant:.0f} s)"),
+    ] + ([("saved", str(args.out))] if args.out else [])))
+    return result
+
+
+def cmd_eval(args) -> dict:
+    import torch
+
+    from .data import load_dataset
+    from .evaluate import evaluate
+    from .models import build_model, load_model
+    from .serialize import load, read_metadata
+
+    t0 = time.time()
+    _check_out_path(args.json, "--json")
+    if args.quantized:
+        meta = read_metadata(args.quantized)
+        from .models import ModelSpec
+
+        spec = ModelSpec.from_json(meta["model"])
+        if args.model not in (None, spec.name):
+            raise FastquantError(f"{args.quantized} holds {spec.name}, not {args.model}")
+        model = load(args.quantized)
+        _, dcfg = build_model(spec, weights=False)
+        label = f"{model.fastquant_config.method} W{model.fastquant_config.w_bits}A{model.fastquant_config.a_bits}"
+    else:
+        model, dcfg, spec = load_model(args.model or "dinov2-s14-fmnist", args.checkpoint, args.img_size)
+        label = "fp32"
+    test = load_dataset(args.data, "test", dcfg)
+    eval_size = min(args.eval_size or len(test), len(test))
+    top1 = evaluate(model, test, eval_size, args.batch_size, desc=f"eval {label}")
+    result = {"model": spec.name, "data": args.data, "quantized": str(args.quantized) if args.quantized else None,
+              "top1": round(top1, 2), "eval_size": eval_size, "seconds": round(time.time() - t0, 1),
+              "torch": torch.__version__}
+    print(_table([("model", f"{spec.name} ({label})"), ("evaluation", f"first {eval_size} test images"),
+                  ("top-1", f"{top1:.2f}")]))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv == ["quantize"]:
+        argv = ["quantize"] + EMBEDDED_DEFAULT
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        result = cmd_quantize(args) if args.command == "quantize" else cmd_eval(args)
+        if args.json:
+            _write_json(args.json, result)
+    except FastquantError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

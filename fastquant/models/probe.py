@@ -1,0 +1,27 @@
+"""A linear probe on a ViT backbone: logits from [class token, mean of patch tokens]."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def probe_features(tokens: torch.Tensor, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """[B, N, C] normalised tokens -> [B, 2C] features (class token, mean patch token)."""
+    return torch.cat([tokens[:, 0], tokens[:, num_prefix_tokens:].mean(dim=1)], dim=-1)
+
+
+class LinearProbe(nn.Module):
+    def __init__(self, backbone: nn.Module, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(2 * backbone.embed_dim, num_classes)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.backbone.forward_features(x)
+        return probe_features(tokens, self.backbone.num_prefix_tokens)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))

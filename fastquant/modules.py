@@ -1,0 +1,140 @@
+"""Quantized drop-in modules, swapped in for timm's by type.
+
+Each module keeps the float weights and fake-quantizes weights and inputs through
+its quantizers (``None`` leaves that operand in float). Attention modules subclass
+timm's, adopt the original module's parameters and sub-modules, and keep its
+forward signature, so timm's blocks call them unchanged.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._compat import import_timm
+
+timm = import_timm()
+from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask  # noqa: E402
+from timm.models.swin_transformer import WindowAttention  # noqa: E402
+
+
+def _q(quantizer: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    return x if quantizer is None else quantizer(x)
+
+
+class QuantLinear(nn.Module):
+    """y = Qa(x) Qw(W)^T + b."""
+
+    def __init__(self, linear: nn.Linear, weight_quant: nn.Module, input_quant: Optional[nn.Module]):
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.weight_quant = weight_quant
+        self.input_quant = input_quant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(_q(self.input_quant, x), self.weight_quant(self.weight), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class QuantConv2d(nn.Module):
+    """A Conv2d (the patch embedding) with quantized weight and input."""
+
+    def __init__(self, conv: nn.Conv2d, weight_quant: nn.Module, input_quant: Optional[nn.Module]):
+        super().__init__()
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+        if conv.padding_mode != "zeros":
+            raise NotImplementedError(f"QuantConv2d supports padding_mode='zeros', got {conv.padding_mode!r}")
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.weight_quant = weight_quant
+        self.input_quant = input_quant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(_q(self.input_quant, x), self.weight_quant(self.weight), self.bias,
+                        self.stride, self.padding, self.dilation, self.groups)
+
+
+class QuantMatMul(nn.Module):
+    """a @ b with both operands quantized."""
+
+    def __init__(self, a_quant: Optional[nn.Module], b_quant: Optional[nn.Module]):
+        super().__init__()
+        self.a_quant = a_quant
+        self.b_quant = b_quant
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return _q(self.a_quant, a) @ _q(self.b_quant, b)
+
+
+def _adopt(cls, module: nn.Module):
+    """A ``cls`` instance sharing ``module``'s parameters, buffers, children and attributes."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    new.__dict__.update(module.__dict__)
+    return new
+
+
+class QuantAttention(Attention):
+    """timm ``Attention`` with quantized matmuls: Q and K (per head) for Q K^T, then the
+    softmax probabilities (log quantizer) and V for P V. Same forward signature."""
+
+    @classmethod
+    def from_float(cls, attn: Attention, qk: QuantMatMul, pv: QuantMatMul) -> "QuantAttention":
+        new = _adopt(cls, attn)
+        new.fused_attn = False
+        new.matmul_qk = qk
+        new.matmul_pv = pv
+        return new
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        B, N, C = x.shape
+        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        attn = self.matmul_qk(q, k.transpose(-2, -1)) * self.scale
+        attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        x = self.matmul_pv(attn, v)
+        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+class QuantWindowAttention(WindowAttention):
+    """Swin's window attention (relative position bias, shifted-window mask) with
+    quantized matmuls, as in ``QuantAttention``. Same forward signature."""
+
+    @classmethod
+    def from_float(cls, attn: WindowAttention, qk: QuantMatMul, pv: QuantMatMul) -> "QuantWindowAttention":
+        new = _adopt(cls, attn)
+        new.fused_attn = False
+        new.matmul_qk = qk
+        new.matmul_pv = pv
+        return new
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B_, N, C = x.shape
+        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = self.matmul_qk(q, k.transpose(-2, -1)) * self.scale
+        attn = attn + self._get_rel_pos_bias()
+        if mask is not None:
+            num_win = mask.shape[0]
+            attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, N, N)
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        x = self.matmul_pv(attn, v)
+        x = x.transpose(1, 2).reshape(B_, N, -1)
+        return self.proj_drop(self.proj(x))

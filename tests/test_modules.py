@@ -1,0 +1,136 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastquant
+from fastquant._compat import import_timm
+from fastquant.modules import QuantAttention, QuantConv2d, QuantLinear, QuantMatMul, QuantWindowAttention
+from fastquant.quantize import quantizers_of, set_mode
+
+timm = import_timm()
+from timm.models.swin_transformer import SwinTransformer  # noqa: E402
+from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+
+
+def small_vit(**kw):
+    args = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5)
+    args.update(kw)
+    torch.manual_seed(0)
+    return VisionTransformer(**args).eval()
+
+
+def small_swin():
+    torch.manual_seed(0)
+    return SwinTransformer(img_size=56, patch_size=4, window_size=7, embed_dim=24, depths=(2, 2),
+                           num_heads=(2, 4), num_classes=5).eval()
+
+
+def count(model, cls):
+    return sum(isinstance(m, cls) for m in model.modules())
+
+
+@pytest.mark.parametrize("builder,attn_cls,x_shape", [
+    (small_vit, QuantAttention, (4, 3, 32, 32)),
+    (lambda: small_vit(init_values=1e-2, embed_dim=60, num_heads=5), QuantAttention, (3, 3, 32, 32)),  # LayerScale, head dim 12
+    (small_swin, QuantWindowAttention, (2, 3, 56, 56)),  # relative position bias and shifted-window mask
+])
+def test_swap_keeps_float_function(builder, attn_cls, x_shape):
+    model = builder()
+    x = torch.randn(x_shape)
+    with torch.no_grad():
+        ref = model(x)
+    n_attn = count(model, (timm.layers.attention.Attention, timm.models.swin_transformer.WindowAttention))
+    n_linear = count(model, nn.Linear)
+    q = fastquant.quantize(model, x, fastquant.QuantConfig(w_bits=8, a_bits=8, method="rtn"), progress=False)
+    # Every Linear, the patch embedding and both attention matmuls are quantized.
+    assert count(q, attn_cls) == n_attn
+    assert count(q, QuantLinear) == n_linear and count(q, nn.Linear) == 0
+    assert count(q, QuantConv2d) == 1
+    assert count(q, QuantMatMul) == 2 * n_attn
+    set_mode(quantizers_of(q), "off")
+    with torch.no_grad():
+        assert torch.allclose(q(x), ref, atol=1e-5, rtol=1e-4)
+    set_mode(quantizers_of(q), "quant")
+    with torch.no_grad():
+        out = q(x)
+    assert not torch.allclose(out, ref)  # quantization does something
+    cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
+    assert cos > 0.99
+
+
+def test_forward_signature_kept():
+    model = small_vit()
+    x = torch.randn(2, 3, 32, 32)
+    q = fastquant.quantize(model, x, fastquant.QuantConfig(method="rtn"), progress=False)
+    attn = q.blocks[0].attn
+    tokens = torch.randn(2, 17, 48)
+    mask = torch.ones(17, 17, dtype=torch.bool).tril()
+    set_mode(quantizers_of(q), "off")
+    ref_attn = model.blocks[0].attn
+    ref_attn.fused_attn = False
+    with torch.no_grad():
+        assert torch.allclose(attn(tokens, attn_mask=mask), ref_attn(tokens, attn_mask=mask), atol=1e-5)
+        assert torch.allclose(attn(tokens, is_causal=True), ref_attn(tokens, attn_mask=mask), atol=1e-5)
+
+
+def test_layer_policy():
+    model = small_vit()
+    x = torch.randn(4, 3, 32, 32)
+    q = fastquant.quantize(model, x, fastquant.QuantConfig(w_bits=4, a_bits=4, method="rtn"), progress=False)
+    pe = q.patch_embed.proj
+    assert pe.input_quant.bits == 8 and pe.weight_quant.bits == 4
+    assert q.head.weight_quant.bits == 4 and q.head.input_quant.bits == 4
+    assert q.blocks[0].attn.matmul_qk.a_quant.scale.shape == (1, 3, 1, 1)
+    q2 = fastquant.quantize(model, x, fastquant.QuantConfig(w_bits=4, a_bits=4, method="rtn", head_w_bits=8,
+                                                            head_a_bits=8, patch_embed_a_bits=6), progress=False)
+    assert q2.head.weight_quant.bits == 8 and q2.patch_embed.proj.input_quant.bits == 6
+
+
+def test_reparam_is_exact_in_float_and_per_tensor_after():
+    model = small_vit(init_values=0.5)
+    # Make post-LayerNorm channels very uneven, as in real ViTs.
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.norm1.weight.mul_(torch.logspace(-1, 1.5, 48))
+            blk.norm1.bias.add_(torch.linspace(-2, 2, 48))
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    cfg = fastquant.QuantConfig(w_bits=8, a_bits=4, method="repq")
+    q = fastquant.quantize(model, x, cfg, progress=False)
+    # qkv and fc1 take LayerNorm outputs: their input quantizers ended per tensor.
+    for blk in q.blocks:
+        assert blk.attn.qkv.input_quant.scale.dim() == 0
+        assert blk.mlp.fc1.input_quant.scale.dim() == 0
+    set_mode(quantizers_of(q), "off")
+    with torch.no_grad():
+        assert torch.allclose(q(x), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_reparam_matches_per_channel_quantization():
+    """Per-tensor quantization after reparameterisation == per-channel before it."""
+    from fastquant.quantize import reparameterize
+    from fastquant.quantizers import UniformQuantizer
+
+    torch.manual_seed(1)
+    ln = nn.LayerNorm(16)
+    with torch.no_grad():
+        ln.weight.copy_(torch.logspace(-1, 1, 16))
+        ln.bias.copy_(torch.linspace(-1, 1, 16))
+    lin = nn.Linear(16, 8)
+    x = torch.randn(64, 16)
+    wq = UniformQuantizer(8, (8, 1))
+    wq.mode = "off"
+    ql = QuantLinear(copy.deepcopy(lin), wq, UniformQuantizer(4, (16,)))
+    ql.input_quant.start_observing()
+    ql(ln(x))
+    ql.input_quant.finish_observing()
+    with torch.no_grad():
+        per_channel = ql(ln(x))
+        ln2 = copy.deepcopy(ln)
+        reparameterize(ln2, [ql])
+        assert ql.input_quant.scale.dim() == 0
+        per_tensor = ql(ln2(x))
+    assert torch.allclose(per_tensor, per_channel, atol=1e-4)
