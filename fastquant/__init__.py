@@ -1,7 +1,7 @@
 """fastquant: post-training quantization for Vision Transformers."""
 from .config import QuantConfig
 from .errors import FastquantError
-from .quantize import quantize
+from .ptq import quantize
 from .serialize import load, save
 
 __version__ = "0.1.0"

@@ -17,7 +17,7 @@ from torch import nn
 from .config import QuantConfig
 from .errors import FastquantError
 from .modules import QuantConv2d, QuantLinear
-from .quantize import _find_patch_convs, _Plan, quantizers_of, set_mode, swap_modules
+from .ptq import _find_patch_convs, _Plan, quantizers_of, set_mode, swap_modules
 
 FORMAT = "fastquant-fakequant-v1"
 

@@ -7,7 +7,7 @@ from torch import nn
 import fastquant
 from fastquant._compat import import_timm
 from fastquant.modules import QuantAttention, QuantConv2d, QuantLinear, QuantMatMul, QuantWindowAttention
-from fastquant.quantize import quantizers_of, set_mode
+from fastquant.ptq import quantizers_of, set_mode
 
 timm = import_timm()
 from timm.models.swin_transformer import SwinTransformer  # noqa: E402
@@ -100,8 +100,11 @@ def test_reparam_is_exact_in_float_and_per_tensor_after():
         ref = model(x)
     cfg = fastquant.QuantConfig(w_bits=8, a_bits=4, method="repq")
     q = fastquant.quantize(model, x, cfg, progress=False)
-    # qkv and fc1 take LayerNorm outputs: their input quantizers ended per tensor.
-    for blk in q.blocks:
+    # qkv and fc1 take LayerNorm outputs: the LayerNorms were rewritten and their
+    # input quantizers ended per tensor.
+    for blk, ref_blk in zip(q.blocks, model.blocks):
+        assert not torch.allclose(blk.norm1.weight, ref_blk.norm1.weight)
+        assert not torch.allclose(blk.norm2.bias, ref_blk.norm2.bias)
         assert blk.attn.qkv.input_quant.scale.dim() == 0
         assert blk.mlp.fc1.input_quant.scale.dim() == 0
     set_mode(quantizers_of(q), "off")
@@ -111,7 +114,7 @@ def test_reparam_is_exact_in_float_and_per_tensor_after():
 
 def test_reparam_matches_per_channel_quantization():
     """Per-tensor quantization after reparameterisation == per-channel before it."""
-    from fastquant.quantize import reparameterize
+    from fastquant.ptq import reparameterize
     from fastquant.quantizers import UniformQuantizer
 
     torch.manual_seed(1)
@@ -130,7 +133,28 @@ def test_reparam_matches_per_channel_quantization():
     with torch.no_grad():
         per_channel = ql(ln(x))
         ln2 = copy.deepcopy(ln)
-        reparameterize(ln2, [ql])
+        reparameterize(ln2, [(ql, None)])
         assert ql.input_quant.scale.dim() == 0
         per_tensor = ql(ln2(x))
     assert torch.allclose(per_tensor, per_channel, atol=1e-4)
+
+
+def test_probe_head_reparam_through_token_pooling():
+    """A probe's head reads [class token, mean token] of the final LayerNorm: its
+    per-channel input scales fold into that LayerNorm too, exactly in float."""
+    from fastquant.models.probe import LinearProbe
+
+    torch.manual_seed(0)
+    backbone = small_vit(num_classes=0, init_values=0.5)
+    with torch.no_grad():
+        backbone.norm.weight.mul_(torch.logspace(-1, 1.5, 48))
+    model = LinearProbe(backbone, 4).eval()
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    q = fastquant.quantize(model, x, fastquant.QuantConfig(w_bits=8, a_bits=8, method="repq"), progress=False)
+    assert q.head.input_quant.scale.dim() == 0
+    assert not torch.equal(q.backbone.norm.weight, model.backbone.norm.weight)
+    set_mode(quantizers_of(q), "off")
+    with torch.no_grad():
+        assert torch.allclose(q(x), ref, atol=1e-4, rtol=1e-4)

@@ -19,6 +19,16 @@ class LinearProbe(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
+    def fastquant_reparam_groups(self):
+        """The head's input is [class token, mean patch token] of the final LayerNorm's
+        output: both halves are per-channel linear in it, so per-channel input scales of
+        the head can be folded into that LayerNorm (channel j comes from j mod C)."""
+        norm = self.backbone.norm
+        if not isinstance(norm, nn.LayerNorm):
+            return []
+        c = self.backbone.embed_dim
+        return [(norm, self.head, torch.arange(2 * c) % c)]
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.backbone.forward_features(x)
         return probe_features(tokens, self.backbone.num_prefix_tokens)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from .config import QuantConfig
 from .errors import FastquantError
 from .modules import Attention, QuantAttention, QuantConv2d, QuantLinear, QuantMatMul, QuantWindowAttention, WindowAttention
-from .quantizers import LogQuantizer, UniformQuantizer
+from .quantizers import LogQuantizer, UniformQuantizer, range_to_qparams
 
 CalibData = Union[torch.Tensor, Iterable]
 
@@ -49,7 +49,7 @@ class _Plan:
 
     head: nn.Module | None
     patch_convs: set
-    ln_groups: dict  # LayerNorm module -> list of Linear modules fed directly by its output
+    ln_groups: dict  # LayerNorm -> [(Linear, channel_map or None)] fed by its output
 
 
 def _find_patch_convs(model: nn.Module) -> set:
@@ -80,7 +80,7 @@ def find_layernorm_consumers(model: nn.Module, x: torch.Tensor) -> dict:
             groups[hit[0]].append(mod)
 
     for m in model.modules():
-        if type(m) is nn.LayerNorm:
+        if isinstance(m, nn.LayerNorm):  # timm's LayerNorm subclasses nn.LayerNorm
             hooks.append(m.register_forward_hook(ln_hook))
         elif type(m) is nn.Linear:
             hooks.append(m.register_forward_pre_hook(lin_hook))
@@ -89,12 +89,12 @@ def find_layernorm_consumers(model: nn.Module, x: torch.Tensor) -> dict:
     finally:
         for h in hooks:
             h.remove()
-    return {ln: lins for ln, lins in groups.items() if lins}
+    return {ln: [(lin, None) for lin in lins] for ln, lins in groups.items() if lins}
 
 
 def swap_modules(model: nn.Module, cfg: QuantConfig, plan: _Plan) -> nn.Module:
     """Replace float modules by quantized ones, in place, by type."""
-    reparam_inputs = {lin for lins in plan.ln_groups.values() for lin in lins}
+    reparam_inputs = {lin for group in plan.ln_groups.values() for lin, _ in group}
     head_w = cfg.head_w_bits or cfg.w_bits
     head_a = cfg.head_a_bits or cfg.a_bits
     pe_w = cfg.patch_embed_w_bits or cfg.w_bits
@@ -175,11 +175,23 @@ def reparameterize(ln: nn.LayerNorm, consumers: list) -> tuple[torch.Tensor, tor
     the LayerNorm then emits X~ = (X + s r2) / r1, whose per-tensor quantization uses
     exactly the integer grid of the per-channel one, and each consumer absorbs r1 and
     r2: W~ = W diag(r1), b~ = b - W (s r2). With quantization off, outputs are unchanged.
-    Returns (s r2, r1) in float64.
+
+    ``consumers`` holds (QuantLinear, channel_map) pairs; channel_map (None: identity)
+    gives the LayerNorm channel behind each input channel, for inputs built from the
+    LayerNorm output by per-channel linear maps (a probe's [class token, mean token]).
+    The per-channel ranges of input channels sharing a LayerNorm channel are merged.
+    Returns (s r2, r1) in float64, per LayerNorm channel.
     """
-    first = consumers[0].input_quant
-    s = first.scale.double().reshape(-1)
-    z = first.zero_point.double().reshape(-1)
+    lin0, cmap0 = consumers[0]
+    q0 = lin0.input_quant
+    s = q0.scale.double().reshape(-1)
+    z = q0.zero_point.double().reshape(-1)
+    if cmap0 is not None:
+        lo, hi = -z * s, (q0.qmax - z) * s
+        n = ln.normalized_shape[-1]
+        lo = torch.full((n,), float("inf"), dtype=lo.dtype, device=lo.device).scatter_reduce(0, cmap0, lo, "amin")
+        hi = torch.full((n,), -float("inf"), dtype=hi.dtype, device=hi.device).scatter_reduce(0, cmap0, hi, "amax")
+        s, z = range_to_qparams(lo, hi, q0.qmax)
     s_t, z_t = s.mean(), torch.round(z.mean())
     r1, r2 = s / s_t, z - z_t
     shift = s * r2
@@ -188,15 +200,17 @@ def reparameterize(ln: nn.LayerNorm, consumers: list) -> tuple[torch.Tensor, tor
         ln.bias = nn.Parameter(torch.zeros(ln.normalized_shape, device=s.device))
     ln.weight.copy_((ln.weight.double() / r1).to(ln.weight.dtype))
     ln.bias.copy_(((ln.bias.double() + shift) / r1).to(ln.bias.dtype))
-    for lin in consumers:
+    for lin, cmap in consumers:
+        c_shift, c_r1 = (shift, r1) if cmap is None else (shift[cmap], r1[cmap])
         w = lin.weight.double()
         if lin.bias is None:
             lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device))
-        lin.bias.copy_((lin.bias.double() - w @ shift).to(lin.bias.dtype))
-        lin.weight.copy_((w * r1[None, :]).to(lin.weight.dtype))
+        lin.bias.copy_((lin.bias.double() - w @ c_shift).to(lin.bias.dtype))
+        lin.weight.copy_((w * c_r1[None, :]).to(lin.weight.dtype))
         old = lin.input_quant
         new = UniformQuantizer(old.bits, (), method=old.method, percentile=old.percentile).to(s.device)
         new.set_qparams(s_t.float(), z_t.float())
+        new.mode = old.mode
         lin.input_quant = new
     return shift, r1
 
@@ -241,11 +255,12 @@ def calibrate(model: nn.Module, batches: list, cfg: QuantConfig, ln_groups: dict
         set_mode(quantizers_of(model), "off")
         probe = batches[0][: min(8, len(batches[0]))]
         before = model(probe)
-        for ln, lins in ln_groups.items():
-            shift, r1 = reparameterize(ln, lins)
-            for lin in lins:  # moments of the reparameterised input (X + shift) / r1
+        for ln, consumers in ln_groups.items():
+            shift, r1 = reparameterize(ln, consumers)
+            for lin, cmap in consumers:  # moments of the reparameterised input (X + shift) / r1
+                sh, r = (shift, r1) if cmap is None else (shift[cmap], r1[cmap])
                 ex2, ex = mean_sq[lin]
-                mean_sq[lin] = ((ex2 + 2 * shift * ex + shift**2) / r1**2, (ex + shift) / r1)
+                mean_sq[lin] = ((ex2 + 2 * sh * ex + sh**2) / r**2, (ex + sh) / r)
         after = model(probe)
         err = (after - before).abs().max().item() / max(before.abs().max().item(), 1e-6)
         if err > 1e-3:
@@ -261,16 +276,20 @@ def calibrate(model: nn.Module, batches: list, cfg: QuantConfig, ln_groups: dict
 
 def prepare(model: nn.Module, cfg: QuantConfig, example: torch.Tensor) -> dict:
     """Swap modules for quantized ones, in place (no calibration yet). Returns the
-    LayerNorm -> QuantLinear groups to reparameterise (empty unless the config asks)."""
+    LayerNorm -> [(QuantLinear, channel_map)] groups to reparameterise (empty unless
+    the config asks)."""
     from .models import classifier_of
 
     plan = _Plan(head=classifier_of(model), patch_convs=_find_patch_convs(model), ln_groups={})
     if cfg.resolved("reparam"):
         plan.ln_groups = find_layernorm_consumers(model, example)
+        # Models may declare groups that tensor identity cannot reveal (see LinearProbe).
+        for ln, lin, cmap in getattr(model, "fastquant_reparam_groups", lambda: [])():
+            plan.ln_groups.setdefault(ln, []).append((lin, cmap))
     swap_modules(model, cfg, plan)
     # A QuantLinear shares its weight tensor with the Linear it replaced.
     by_weight = {id(m.weight): m for m in model.modules() if isinstance(m, QuantLinear)}
-    return {ln: [by_weight[id(lin.weight)] for lin in lins] for ln, lins in plan.ln_groups.items()}
+    return {ln: [(by_weight[id(lin.weight)], cmap) for lin, cmap in group] for ln, group in plan.ln_groups.items()}
 
 
 def quantize(model: nn.Module, calib_data: CalibData, config: QuantConfig | None = None, *, inplace: bool = False,
