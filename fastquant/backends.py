@@ -1,0 +1,63 @@
+"""Which kernel backends this process can use, and why not.
+
+Decided once, at import:
+
+- ``TRITON_AVAILABLE`` / ``TRITON_REASON``: Triton imports (it still needs a CUDA tensor,
+  or ``TRITON_INTERPRET=1`` set before the kernels are imported, to run).
+- ``CUDA_EXT_AVAILABLE`` / ``CUDA_EXT_REASON``: the compiled extension ``fastquant._C``
+  imports. setup.py builds it only against a CUDA build of torch with a CUDA toolkit.
+
+A reason is the empty string when the backend is available. The ops in
+``fastquant.ops`` use these flags to pick an implementation for CUDA tensors: the CUDA
+extension, then Triton, then the PyTorch reference.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from fastquant.kernels import TRITON_AVAILABLE, TRITON_REASON
+
+try:
+    importlib.import_module("fastquant._C")
+except ImportError as exc:
+    CUDA_EXT_AVAILABLE = False
+    if isinstance(exc, ModuleNotFoundError) and exc.name == "fastquant._C":
+        CUDA_EXT_REASON = ("fastquant._C is not built (it needs a CUDA build of torch and a CUDA "
+                           "toolkit at install time)")
+    else:
+        CUDA_EXT_REASON = f"fastquant._C failed to load ({exc})"
+else:
+    CUDA_EXT_AVAILABLE = True
+    CUDA_EXT_REASON = ""
+
+__all__ = ["TRITON_AVAILABLE", "TRITON_REASON", "CUDA_EXT_AVAILABLE", "CUDA_EXT_REASON",
+           "triton_interpret", "describe"]
+
+
+def triton_interpret() -> bool:
+    """Whether TRITON_INTERPRET asks for Triton's CPU interpreter (Triton's own parsing)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on")
+
+
+def describe() -> dict:
+    """Versions and backend availability, for printing beside benchmark results."""
+    triton_version = None
+    if TRITON_AVAILABLE:
+        import triton
+
+        triton_version = triton.__version__
+    cuda_device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_device": cuda_device,
+        "triton": triton_version,
+        "triton_available": TRITON_AVAILABLE,
+        "triton_reason": TRITON_REASON,
+        "triton_interpret": triton_interpret(),
+        "cuda_ext_available": CUDA_EXT_AVAILABLE,
+        "cuda_ext_reason": CUDA_EXT_REASON,
+    }

@@ -1,0 +1,56 @@
+"""Triton kernels of fastquant, installed as ``fastquant.kernels``.
+
+This folder sits at the top of the repository and is mapped onto the package
+``fastquant.kernels`` by setup.py, so the same import works from a wheel and from
+an editable install.
+
+Importing this package never needs Triton: ``TRITON_AVAILABLE`` and
+``TRITON_REASON`` record whether it can be used, and kernel modules (which import
+Triton) are only imported by the code that launches them.
+
+Conventions every kernel module follows:
+
+- a Triton kernel is a ``@triton.jit`` function whose name ends in ``_kernel``;
+  it sits next to a docstring stating its contract, and next to a wrapper
+  ``triton_<op>(...)`` that checks the inputs, allocates the outputs and launches;
+- the module defines ``COMPILE_SPECS``, a list of :class:`KernelSpec`, with at
+  least one entry per kernel. ``python -m fastquant.kernels.compile_check``
+  finds every module here and compiles every spec for sm_80 and sm_90 without a
+  GPU; a kernel with no spec fails the check. Adding a kernel means adding its
+  module and its entries, nothing else.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+try:
+    import triton  # noqa: F401  (only probed here)
+except ImportError as exc:
+    TRITON_AVAILABLE = False
+    TRITON_REASON = f"triton is not importable ({exc})"
+else:
+    TRITON_AVAILABLE = True
+    TRITON_REASON = ""
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One specialisation of a Triton kernel to compile ahead of time.
+
+    ``signature`` maps every argument name of the kernel to its Triton type
+    (``"*fp32"`` for a pointer, ``"i32"`` for an integer, ``"constexpr"`` for a
+    compile-time constant); ``constexprs`` gives the value of each constexpr, as
+    ``triton.compiler.ASTSource`` expects them in Triton 3.x. ``label`` tells
+    the specialisations of one kernel apart in the report.
+    """
+
+    kernel: Any
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    label: str
+    options: dict[str, Any] = field(default_factory=lambda: {"num_warps": 4})
+
+    @property
+    def name(self) -> str:
+        return f"{self.kernel.__name__}[{self.label}]"
