@@ -48,10 +48,10 @@ def main(argv=None):
     out.write_text(json.dumps(meta, indent=2) + "\n")
     fp = records[0]["fp_top1"]
     print(f"\nfull precision: {fp:.2f} (first {args.eval_size} test images)\n")
-    print("| method | W/A | top-1 | drop | quantize time (s) |")
+    print("| method | W/A | top-1 | vs full precision | quantize time (s) |")
     print("|---|---|---|---|---|")
     for r in records:
-        print(f"| {r['method']} | {r['w_bits']}/{r['a_bits']} | {r['q_top1']:.2f} | {r['fp_top1'] - r['q_top1']:+.2f} | {r['quantize_seconds']:.0f} |")
+        print(f"| {r['method']} | {r['w_bits']}/{r['a_bits']} | {r['q_top1']:.2f} | {r['q_top1'] - r['fp_top1']:+.2f} | {r['quantize_seconds']:.0f} |")
 
 
 if __name__ == "__main__":

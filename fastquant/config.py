@@ -10,11 +10,12 @@ from .quantizers import CALIB_METHODS, check_bits
 
 METHODS = ("rtn", "repq")
 SOFTMAX_QUANTIZERS = ("log2", "log_sqrt2", "uniform", "auto")
+WEIGHT_ROUNDING = ("nearest", "gptq")
 
 # What each method changes from the plain defaults.
 METHOD_DEFAULTS = {
-    "rtn": dict(calib="minmax", softmax="log2", reparam=False),
-    "repq": dict(calib="mse", softmax="auto", reparam=True),
+    "rtn": dict(calib="minmax", softmax="log2", reparam=False, output_aware=False, bias_correct=False, weight_rounding="nearest"),
+    "repq": dict(calib="mse", softmax="auto", reparam=True, output_aware=True, bias_correct=True, weight_rounding="gptq"),
 }
 
 
@@ -43,6 +44,15 @@ class QuantConfig:
     calib: str | None = None  # minmax | percentile | mse; None: the method's default
     softmax: str | None = None  # log2 | log_sqrt2 | uniform | auto; None: the method's default
     reparam: bool | None = None  # fold per-channel post-LayerNorm scales into the LayerNorm
+    # MSE search for activations weighted by how much each element's error reaches the
+    # consumer's output (column norms of the next Linear's weight, the partner operand of a matmul).
+    output_aware: bool | None = None
+    # Subtract each Linear's mean output shift caused by quantization (measured on the
+    # calibration images with float inputs) from its bias.
+    bias_correct: bool | None = None
+    # "nearest", or "gptq": round weight columns one by one, compensating each
+    # rounding error in the columns still to come (Frantar et al., arXiv 2210.17323).
+    weight_rounding: str | None = None
     per_token: bool = False  # dynamic per-token activation scales instead of calibrated per-tensor
     qk_per_head: bool = True
     patch_embed_a_bits: int = 8
@@ -65,13 +75,15 @@ class QuantConfig:
             raise FastquantError(f"unknown calibration {self.calib!r} (choose from {', '.join(CALIB_METHODS)})")
         if self.softmax is not None and self.softmax not in SOFTMAX_QUANTIZERS:
             raise FastquantError(f"unknown softmax quantizer {self.softmax!r} (choose from {', '.join(SOFTMAX_QUANTIZERS)})")
+        if self.weight_rounding is not None and self.weight_rounding not in WEIGHT_ROUNDING:
+            raise FastquantError(f"unknown weight rounding {self.weight_rounding!r} (choose from {', '.join(WEIGHT_ROUNDING)})")
         if not isinstance(self.calib_batch_size, int) or self.calib_batch_size < 1:
             raise FastquantError(f"calib_batch_size must be a positive integer, got {self.calib_batch_size!r}")
         if not 50.0 < self.percentile <= 100.0:
             raise FastquantError(f"percentile must be in (50, 100], got {self.percentile!r}")
 
     def resolved(self, key: str):
-        """The value of calib/softmax/reparam after the method's defaults are applied."""
+        """The value of calib/softmax/reparam/output_aware/bias_correct/weight_rounding after the method's defaults are applied."""
         value = getattr(self, key)
         if value is None:
             value = METHOD_DEFAULTS[self.method][key]

@@ -215,6 +215,31 @@ def reparameterize(ln: nn.LayerNorm, consumers: list) -> tuple[torch.Tensor, tor
     return shift, r1
 
 
+def _error_weight_hooks(model: nn.Module) -> list:
+    """Hooks that tell activation quantizers what their error costs downstream.
+
+    For y = x W^T an error e_j in input channel j moves the output by e_j W[:, j], so
+    its expected squared cost is e_j^2 ||W[:, j]||^2 (cross terms between channels
+    average out). For a matmul a @ b the same holds with the partner operand: an error
+    in a[..., i, k] costs sum_d b[..., k, d]^2, one in b[..., k, d] costs
+    sum_i a[..., i, k]^2. The MSE search weights each sampled element by this cost.
+    """
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and isinstance(m.input_quant, UniformQuantizer):
+            m.input_quant.error_weight = m.weight.detach().pow(2).sum(0)
+        elif isinstance(m, QuantMatMul):
+            def pre(mod, args):
+                a, b = args[0].detach(), args[1].detach()
+                if isinstance(mod.a_quant, UniformQuantizer):
+                    mod.a_quant.error_weight = b.pow(2).sum(-1).unsqueeze(-2)
+                if isinstance(mod.b_quant, UniformQuantizer):
+                    mod.b_quant.error_weight = a.pow(2).sum(-2).unsqueeze(-1)
+
+            hooks.append(m.register_forward_pre_hook(pre))
+    return hooks
+
+
 def set_mode(quantizers, mode: str):
     for q in quantizers:
         q.mode = mode
@@ -222,24 +247,24 @@ def set_mode(quantizers, mode: str):
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: list, cfg: QuantConfig, ln_groups: dict, progress: bool = True) -> int:
-    """Calibrate a swapped model: activation quantizers observe the float model on
-    ``batches``, LayerNorm-fed inputs are reparameterised (``ln_groups``, LayerNorm ->
-    its QuantLinear consumers), then weights are calibrated. Returns the image count."""
+    """Calibrate a swapped model, in place. Returns the number of images seen.
+
+    1. Activation quantizers observe the float model on ``batches`` and pick their
+       ranges (weighted by their downstream cost when ``output_aware``).
+    2. LayerNorm-fed inputs are reparameterised (``ln_groups``, LayerNorm -> its
+       QuantLinear consumers), which leaves the float model's output unchanged.
+    3. A second float pass measures each Linear's input statistics: the per-channel
+       mean square (weights the weight-range search), the means of x and Qa(x) (bias
+       correction) and, for ``weight_rounding="gptq"``, the input's second-moment matrix.
+    4. Weights get their per-channel ranges and are rounded (to nearest, or with GPTQ
+       error compensation); then biases are corrected.
+    """
     wqs = weight_quantizers(model)
     acts = [q for q in quantizers_of(model) if q not in wqs]
     set_mode(wqs, "off")
     for q in acts:
         q.start_observing()
-    moments = {}  # QuantLinear -> [sum x, sum x^2, rows] per input channel, for the weight search
-
-    def moment_hook(mod, inp):
-        x = inp[0].detach().double().reshape(-1, mod.in_features)
-        acc = moments.setdefault(mod, [0.0, 0.0, 0])
-        acc[0] = acc[0] + x.sum(0)
-        acc[1] = acc[1] + x.pow(2).sum(0)
-        acc[2] += x.shape[0]
-
-    hooks = [m.register_forward_pre_hook(moment_hook) for m in model.modules() if isinstance(m, QuantLinear)]
+    hooks = _error_weight_hooks(model) if cfg.resolved("output_aware") else []
     n = 0
     try:
         for x in tqdm(batches, desc="calibrate", unit="batch", disable=not progress, leave=False):
@@ -248,30 +273,150 @@ def calibrate(model: nn.Module, batches: list, cfg: QuantConfig, ln_groups: dict
     finally:
         for h in hooks:
             h.remove()
+        for q in acts:
+            q.error_weight = None
     for q in acts:
         q.finish_observing()
-    mean_sq = {m: (acc[1] / acc[2], acc[0] / acc[2]) for m, acc in moments.items()}
+    set_mode(acts, "off")
     if ln_groups:
-        set_mode(quantizers_of(model), "off")
         probe = batches[0][: min(8, len(batches[0]))]
         before = model(probe)
         for ln, consumers in ln_groups.items():
-            shift, r1 = reparameterize(ln, consumers)
-            for lin, cmap in consumers:  # moments of the reparameterised input (X + shift) / r1
-                sh, r = (shift, r1) if cmap is None else (shift[cmap], r1[cmap])
-                ex2, ex = mean_sq[lin]
-                mean_sq[lin] = ((ex2 + 2 * sh * ex + sh**2) / r**2, (ex + sh) / r)
+            reparameterize(ln, consumers)
         after = model(probe)
         err = (after - before).abs().max().item() / max(before.abs().max().item(), 1e-6)
         if err > 1e-3:
             raise RuntimeError(f"reparameterisation changed the float model's output (relative error {err:.2e})")
+    gptq = cfg.resolved("weight_rounding") == "gptq"
+    stats = _linear_input_stats(model, batches, covariance=gptq, progress=progress)
     for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.weight_quant.calibrate_tensor(m.weight, mean_sq[m][0].float() if m in mean_sq else None)
-        elif isinstance(m, QuantConv2d):
+        if isinstance(m, QuantConv2d):
             m.weight_quant.calibrate_tensor(m.weight)
+        if not isinstance(m, QuantLinear):
+            continue
+        st = stats.get(m)
+        m.weight_quant.calibrate_tensor(m.weight, None if st is None else st.mean_square().float().to(m.weight.device))
+        original = m.weight.detach().clone()
+        if gptq and st is not None:
+            m.weight.copy_(gptq_round(m.weight, m.weight_quant, st.second_moment()))
+        if cfg.resolved("bias_correct") and st is not None and m.bias is not None:
+            m.weight_quant.mode = "quant"
+            dev = m.weight.device
+            shift = (m.weight_quant(m.weight).double() @ st.mean_quantized().to(dev)
+                     - original.double() @ st.mean().to(dev))
+            m.bias.sub_(shift.to(m.bias.dtype))
     set_mode(quantizers_of(model), "quant")
     return n
+
+
+class _InputStats:
+    """Running statistics of one Linear's input x (as rows [*, C]) and of Qa(x)."""
+
+    def __init__(self, channels: int, covariance: bool):
+        self.n = 0
+        self.sum = torch.zeros(channels, dtype=torch.float64)
+        self.sum_q = torch.zeros(channels, dtype=torch.float64)
+        self.sum_sq = torch.zeros(channels, dtype=torch.float64)
+        self.xtx = torch.zeros(channels, channels) if covariance else None
+
+    def add(self, x: torch.Tensor, xq: torch.Tensor):
+        x, xq = x.reshape(-1, x.shape[-1]), xq.reshape(-1, x.shape[-1])
+        self.n += x.shape[0]
+        self.sum += x.double().sum(0).cpu()
+        self.sum_q += xq.double().sum(0).cpu()
+        self.sum_sq += x.double().pow(2).sum(0).cpu()
+        if self.xtx is not None:
+            xf = x.float()
+            self.xtx += (xf.t() @ xf).cpu()
+
+    def mean(self) -> torch.Tensor:
+        return self.sum / self.n
+
+    def mean_quantized(self) -> torch.Tensor:
+        return self.sum_q / self.n
+
+    def mean_square(self) -> torch.Tensor:
+        return self.sum_sq / self.n
+
+    def second_moment(self) -> torch.Tensor:
+        return self.xtx / self.n
+
+
+@torch.no_grad()
+def _linear_input_stats(model: nn.Module, batches: list, covariance: bool, progress: bool = True) -> dict:
+    """One float pass (all quantizers off) recording every QuantLinear's input statistics."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    stats = {m: _InputStats(m.in_features, covariance) for m in layers}
+
+    def hook(mod, inp):
+        x = inp[0].detach()
+        xq = x
+        q = mod.input_quant
+        if q is not None:
+            q.mode = "quant"
+            xq = q(x)
+            q.mode = "off"
+        stats[mod].add(x, xq)
+
+    set_mode(quantizers_of(model), "off")
+    hooks = [m.register_forward_pre_hook(hook) for m in layers]
+    try:
+        for x in tqdm(batches, desc="layer statistics", unit="batch", disable=not progress, leave=False):
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {m: st for m, st in stats.items() if st.n > 0}
+
+
+def round_to_grid(w: torch.Tensor, quantizer: UniformQuantizer) -> torch.Tensor:
+    """Round-to-nearest fake quantization of a weight [O, ...] with the quantizer's
+    fixed per-output-channel parameters."""
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    scale = quantizer.scale.reshape(shape).to(w)
+    zp = quantizer.zero_point.reshape(shape).to(w)
+    return (torch.clamp(torch.round(w / scale) + zp, 0, quantizer.qmax) - zp) * scale
+
+
+@torch.no_grad()
+def gptq_round(weight: torch.Tensor, quantizer: UniformQuantizer, second_moment: torch.Tensor,
+               damp: float = 0.01, block: int = 128) -> torch.Tensor:
+    """Round ``weight`` [O, C] onto ``quantizer``'s per-output-channel grid with GPTQ
+    (Frantar et al., arXiv 2210.17323): columns are quantized one at a time and each
+    column's rounding error is spread over the columns not yet quantized so that
+    E||x W^T - x Q^T||^2 stays smallest for inputs with second moment E[x x^T]
+    (``second_moment``, [C, C]). Scales and zero points stay as calibrated. Returns
+    the dequantized weight: values on the grid, which the quantizer maps to the same codes.
+    """
+    w = weight.detach().float().clone()
+    cols = w.shape[1]
+    h = second_moment.to(w).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += torch.eye(cols, dtype=h.dtype, device=h.device) * (damp * torch.diag(h).mean())
+    try:
+        # Upper Cholesky factor of H^-1: row i holds how column i's error spreads to later columns.
+        u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except RuntimeError:  # not positive definite even after damping: plain rounding
+        return round_to_grid(weight, quantizer)
+    scale = quantizer.scale.reshape(-1, 1).to(w)
+    zp = quantizer.zero_point.reshape(-1, 1).to(w)
+    out = torch.empty_like(w)
+    for b0 in range(0, cols, block):
+        b1 = min(b0 + block, cols)
+        wb = w[:, b0:b1].clone()
+        errs = torch.empty_like(wb)
+        ub = u[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            col = wb[:, i : i + 1]
+            q = (torch.clamp(torch.round(col / scale) + zp, 0, quantizer.qmax) - zp) * scale
+            out[:, b0 + i : b0 + i + 1] = q
+            e = (col - q) / ub[i, i]
+            wb[:, i:] -= e * ub[i : i + 1, i:]
+            errs[:, i : i + 1] = e
+        w[:, b1:] -= errs @ u[b0:b1, b1:]
+    return out.to(weight.dtype)
 
 
 def prepare(model: nn.Module, cfg: QuantConfig, example: torch.Tensor) -> dict:

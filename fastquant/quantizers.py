@@ -75,6 +75,9 @@ class UniformQuantizer(nn.Module):
         self.register_buffer("scale", torch.ones(scale_shape))
         self.register_buffer("zero_point", torch.zeros(scale_shape))
         self.mode = "off"  # off | observe | quant
+        # Optional tensor broadcastable to the input: how much the squared error of each
+        # element costs downstream; the consumer sets it while observing (see QuantLinear).
+        self.error_weight = None
         self._reset_stats()
 
     @property
@@ -90,6 +93,7 @@ class UniformQuantizer(nn.Module):
         self._min = None
         self._max = None
         self._samples = []
+        self._sample_weights = []
         self._n_samples = 0
         self._col_weight = None
 
@@ -126,12 +130,18 @@ class UniformQuantizer(nn.Module):
         self._min = mn if self._min is None else torch.minimum(self._min, mn)
         self._max = mx if self._max is None else torch.maximum(self._max, mx)
         if self.method != "minmax" and self._n_samples < MAX_SAMPLES:
+            weights = None
+            if self.error_weight is not None and self.method == "mse":
+                weights = self._rows(self.error_weight.detach().float().expand_as(x))
             per_row = max(1, (MAX_SAMPLES // 8) // rows.shape[0])
             if rows.shape[1] > per_row:
                 g = torch.Generator(device="cpu").manual_seed(self._n_samples + rows.shape[1])
                 idx = torch.randperm(rows.shape[1], generator=g)[:per_row].to(rows.device)
                 rows = rows[:, idx]
+                weights = None if weights is None else weights[:, idx]
             self._samples.append(rows)
+            if weights is not None:
+                self._sample_weights.append(weights)
             self._n_samples += rows.numel()
 
     def finish_observing(self):
@@ -146,7 +156,10 @@ class UniformQuantizer(nn.Module):
             scale, zp = range_to_qparams(lo, hi, self.qmax)
         else:
             samples = torch.cat(self._samples, dim=1)
-            scale, zp = self.search(samples, self._min, self._max, self._col_weight)
+            weight = self._col_weight
+            if self._sample_weights and len(self._sample_weights) == len(self._samples):
+                weight = torch.cat(self._sample_weights, dim=1)
+            scale, zp = self.search(samples, self._min, self._max, weight)
         self.scale.copy_(scale.reshape(shape))
         self.zero_point.copy_(zp.reshape(shape))
         self._reset_stats()
@@ -155,9 +168,10 @@ class UniformQuantizer(nn.Module):
     def search(self, rows: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, col_weight: torch.Tensor | None = None):
         """Per-row scale/zero point by percentile clipping or by least squared error.
 
-        ``col_weight`` weights the squared error of each column (for a Linear weight,
-        the input's mean square per input channel, so the search minimises the
-        expected output error rather than the weight error)."""
+        ``col_weight`` ([n] or [K, n]) weights the squared error of each sample (for a
+        Linear weight, the input's mean square per input channel; for an activation,
+        the consumer's sensitivity to it), so the search minimises the expected output
+        error rather than the operand's own error."""
         if self.method == "percentile":
             p = self.percentile / 100.0
             srt = rows.sort(dim=1).values

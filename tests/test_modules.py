@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fastquant
@@ -98,7 +99,7 @@ def test_reparam_is_exact_in_float_and_per_tensor_after():
     x = torch.randn(8, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)
-    cfg = fastquant.QuantConfig(w_bits=8, a_bits=4, method="repq")
+    cfg = fastquant.QuantConfig(w_bits=8, a_bits=4, method="repq", bias_correct=False, weight_rounding="nearest")
     q = fastquant.quantize(model, x, cfg, progress=False)
     # qkv and fc1 take LayerNorm outputs: the LayerNorms were rewritten and their
     # input quantizers ended per tensor.
@@ -152,9 +153,61 @@ def test_probe_head_reparam_through_token_pooling():
     x = torch.randn(8, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)
-    q = fastquant.quantize(model, x, fastquant.QuantConfig(w_bits=8, a_bits=8, method="repq"), progress=False)
+    q = fastquant.quantize(model, x, fastquant.QuantConfig(w_bits=8, a_bits=8, method="repq", bias_correct=False,
+                                                           weight_rounding="nearest"), progress=False)
     assert q.head.input_quant.scale.dim() == 0
     assert not torch.equal(q.backbone.norm.weight, model.backbone.norm.weight)
     set_mode(quantizers_of(q), "off")
     with torch.no_grad():
         assert torch.allclose(q(x), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_bias_correction_removes_the_mean_output_shift():
+    """After bias correction a layer's mean output on the calibration images, with
+    quantized weight and input, equals the float layer's (float inputs)."""
+    model = small_vit(init_values=0.5)
+    x = torch.randn(8, 3, 32, 32)
+    # Nearest rounding keeps the float weights, so both copies see the same float inputs.
+    plain = fastquant.quantize(model, x, fastquant.QuantConfig(w_bits=4, a_bits=4, bias_correct=False,
+                                                               weight_rounding="nearest"), progress=False)
+    q = fastquant.quantize(model, x, fastquant.QuantConfig(w_bits=4, a_bits=4, weight_rounding="nearest"),
+                           progress=False)
+    assert q.fastquant_config.resolved("bias_correct")
+    for name in ("blocks.0.mlp.fc2", "blocks.1.attn.proj"):
+        layer, ref = q.get_submodule(name), plain.get_submodule(name)
+        # The float inputs, taken from the uncorrected copy (q's upstream biases moved).
+        inputs = []
+        h = ref.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach()))
+        set_mode(quantizers_of(plain), "off")
+        with torch.no_grad():
+            plain(x)
+        h.remove()
+        set_mode(quantizers_of(plain), "quant")
+        xin = torch.cat(inputs).reshape(-1, layer.in_features)
+        with torch.no_grad():
+            float_layer = model.get_submodule(name)
+            y_fp = F.linear(xin, float_layer.weight, float_layer.bias).mean(0)
+            y_q = layer(xin).mean(0)
+            y_plain = ref(xin).mean(0)
+        assert torch.allclose(y_q, y_fp, atol=2e-5), name
+        assert (y_plain - y_fp).abs().max() > 5e-4, name  # there was a shift to remove
+
+
+def test_gptq_rounding_lowers_the_output_error():
+    """GPTQ picks grid points (same codes as the quantizer gives them) whose output
+    error on inputs with the given second moment is below round-to-nearest's."""
+    from fastquant.ptq import gptq_round, round_to_grid
+    from fastquant.quantizers import UniformQuantizer
+
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(32, 32, generator=g)
+    x = torch.randn(2048, 32, generator=g) @ mix  # correlated input channels
+    w = torch.randn(16, 32, generator=g)
+    wq = UniformQuantizer(3, (16, 1), method="minmax")
+    wq.calibrate_tensor(w)
+    near = round_to_grid(w, wq)
+    opt = gptq_round(w, wq, x.t() @ x / len(x))
+    assert torch.equal(wq(opt), opt)  # on the grid: the quantizer keeps it
+    assert not torch.equal(opt, near)
+    err = lambda q: (x @ (q - w).t()).pow(2).mean()
+    assert err(opt) < 0.7 * err(near)
