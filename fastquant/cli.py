@@ -15,6 +15,13 @@ from pathlib import Path
 
 from .errors import FastquantError
 
+# Reconstruction presets (--budget): calibration images, steps per unit, PFCR's last level (None: one unit).
+BUDGETS = {
+    "cpu": dict(calib_size=256, iters=300, pfcr_stop_at=2),
+    "full": dict(calib_size=1024, iters=20000, pfcr_stop_at=None),
+}
+# Per-unit reconstruction results in the JSON output.
+RECORD_KEYS = ("level", "name", "loss_first", "loss_last", "mse_before", "mse_after", "seconds")
 # What `fastquant quantize` runs with no arguments at all (see README: the embedded default).
 EMBEDDED_DEFAULT = ["--model", "dinov2-s14-fmnist", "--data", "fmnist", "--method", "repq",
                     "--w-bits", "6", "--a-bits", "6", "--eval-size", "2000"]
@@ -62,13 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Quantize a model and evaluate it against full precision. With no arguments: "
                                    + " ".join(EMBEDDED_DEFAULT))
     _add_model_args(q)
-    q.add_argument("--method", default="repq", help="rtn or repq (default: %(default)s)")
+    q.add_argument("--method", default="repq",
+                   help="rtn, repq, or a reconstruction: brecq, qdrop, pfcr, mgrq (default: %(default)s)")
     q.add_argument("--w-bits", type=_int, default=6, help="weight bits, 2-8 (default: %(default)s)")
     q.add_argument("--a-bits", type=_int, default=6, help="activation bits, 2-8 (default: %(default)s)")
-    q.add_argument("--calib-size", type=_int, default=128, help="calibration images from the training split (default: %(default)s)")
+    q.add_argument("--calib-size", type=_int, default=None,
+                   help="calibration images from the training split (default: 128, or the budget's for reconstruction)")
     q.add_argument("--seed", type=_int, default=0, help="seed for drawing calibration images (default: %(default)s)")
     q.add_argument("--out", type=Path, help="save the quantized model (safetensors, integer weights)")
     q.add_argument("--per-token", action="store_true", help="dynamic per-token activation scales")
+    r = q.add_argument_group("reconstruction (brecq, qdrop, pfcr, mgrq)")
+    r.add_argument("--budget", choices=tuple(BUDGETS),
+                   help="preset: cpu (256 images, 300 steps per unit, PFCR up to pairs of blocks) or full (1,024 "
+                        "images, 20,000 steps per unit, PFCR up to one unit) (default: full with CUDA, else cpu)")
+    r.add_argument("--iters", type=_positive, help="steps per unit (default: the budget's)")
+    r.add_argument("--no-pos", action="store_true", help="pfcr without its progressive optimisation strategy")
+    r.add_argument("--state-dir", type=Path, help="save the reconstruction state here after every unit")
+    r.add_argument("--resume", action="store_true", help="continue the reconstruction saved in --state-dir")
+    r.add_argument("--plot", type=Path, help="write a PNG of every unit's loss across levels")
     e = sub.add_parser("eval", help="evaluate a full-precision or saved quantized model")
     _add_model_args(e, from_file=True)
     e.add_argument("--quantized", type=Path, help="a model saved by `fastquant quantize --out`")
@@ -108,27 +126,56 @@ def cmd_quantize(args) -> dict:
     import torch
 
     from . import QuantConfig, quantize
+    from .config import RECON_METHODS
     from .data import calibration_indices, load_dataset, stack
     from .evaluate import evaluate
     from .models import load_model
+    from .recon import ReconConfig, plot_losses
+    from .recon.checkpoint import STATE_FILE
     from .serialize import save
 
     t0 = time.time()
     cfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, method=args.method, per_token=args.per_token)
+    reconstructs = cfg.method in RECON_METHODS
+    given = [flag for flag, on in (("--budget", args.budget), ("--iters", args.iters), ("--no-pos", args.no_pos),
+                                   ("--state-dir", args.state_dir), ("--resume", args.resume), ("--plot", args.plot))
+             if on]
+    if given and not reconstructs:
+        raise FastquantError(f"{', '.join(given)}: only for the reconstruction methods ({', '.join(RECON_METHODS)})")
+    if args.no_pos and cfg.method != "pfcr":
+        raise FastquantError("--no-pos applies to pfcr only")
+    if args.resume and args.state_dir is None:
+        raise FastquantError("--resume needs --state-dir (the folder of the run to continue)")
+    if args.state_dir is not None and args.state_dir.exists() and not args.state_dir.is_dir():
+        raise FastquantError(f"--state-dir {args.state_dir} is a file")
+    if args.state_dir is not None and not args.resume and (args.state_dir / STATE_FILE).exists():
+        raise FastquantError(f"{args.state_dir / STATE_FILE} already holds a reconstruction state: "
+                             "add --resume to continue it, or choose another --state-dir")
+    budget = args.budget or ("full" if torch.cuda.is_available() else "cpu")
+    preset = BUDGETS[budget]
+    calib_size = args.calib_size if args.calib_size is not None else (preset["calib_size"] if reconstructs else 128)
+    rcfg = None
+    if reconstructs:
+        rcfg = ReconConfig(method=cfg.method, iters=args.iters or preset["iters"], seed=args.seed,
+                           pos=False if args.no_pos else None, stop_at=preset["pfcr_stop_at"])
     _check_out_path(args.out, "--out")
     _check_out_path(args.json, "--json")
+    _check_out_path(args.plot, "--plot")
     model, dcfg, spec = load_model(args.model, args.checkpoint, args.img_size)
     train = load_dataset(args.data, "train", dcfg)
     test = load_dataset(args.data, "test", dcfg)
-    idx = calibration_indices(len(train), args.calib_size, args.seed)
+    idx = calibration_indices(len(train), calib_size, args.seed)
     calib, _ = stack(train, idx)
     if not torch.isfinite(calib).all():
         raise FastquantError("calibration data contains NaN or Inf")
     eval_size = min(args.eval_size or len(test), len(test))
     fp = evaluate(model, test, eval_size, args.batch_size, desc="eval fp32")
     t1 = time.time()
-    qmodel = quantize(model, calib, cfg)
+    qmodel = quantize(model, calib, cfg, recon=rcfg, state_dir=args.state_dir, resume=args.resume)
     t_quant = time.time() - t1
+    record = getattr(qmodel, "fastquant_recon", None)
+    if args.plot:
+        plot_losses(record, args.plot)
     q = evaluate(qmodel, test, eval_size, args.batch_size, desc=f"eval W{cfg.w_bits}A{cfg.a_bits}")
     if args.out:
         save(qmodel, args.out)
@@ -139,10 +186,15 @@ def cmd_quantize(args) -> dict:
         "quantize_seconds": round(t_quant, 1), "seconds": round(time.time() - t0, 1),
         "config": json.loads(cfg.to_json()), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "commit": _commit(), "out": str(args.out) if args.out else None,
+        "budget": budget if reconstructs else None, "iters_per_unit": rcfg.iters if rcfg else None,
+        "recon_config": rcfg.to_dict() if rcfg else None,
+        "recon_units": [{k: getattr(u, k) for k in RECORD_KEYS} for u in record.units] if record else None,
+        "recon_resumed_from": record.resumed_from if record else None,
     }
     print(_table([
         ("model", f"{spec.name} ({spec.img_size} px) on {args.data}"),
-        ("method", f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits}"),
+        ("method", f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits}"
+                   + (f" ({budget} budget: {rcfg.iters} steps per unit, {len(record.units)} units)" if record else "")),
         ("calibration", f"{len(idx)} training images, seed {args.seed}"),
         ("evaluation", f"first {eval_size} test images"),
         ("fp32 top-1", f"{fp:.2f}"),

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from .errors import FastquantError
 from .quantizers import CALIB_METHODS, check_bits
 
-METHODS = ("rtn", "repq")
+# Reconstruction methods (fastquant.recon) start from RepQ's calibration.
+RECON_METHODS = ("brecq", "qdrop", "pfcr", "mgrq")
+METHODS = ("rtn", "repq") + RECON_METHODS
 SOFTMAX_QUANTIZERS = ("log2", "log_sqrt2", "uniform", "auto")
 WEIGHT_ROUNDING = ("nearest", "gptq")
 
@@ -17,6 +19,10 @@ METHOD_DEFAULTS = {
     "rtn": dict(calib="minmax", softmax="log2", reparam=False, output_aware=False, bias_correct=False, weight_rounding="nearest"),
     "repq": dict(calib="mse", softmax="auto", reparam=True, output_aware=True, bias_correct=True, weight_rounding="gptq"),
 }
+# Reconstruction learns the weight rounding itself (AdaRound) from the float weights, so
+# it starts from RepQ's activation calibration with round-to-nearest weights and no bias correction.
+METHOD_DEFAULTS.update({m: dict(METHOD_DEFAULTS["repq"], weight_rounding="nearest", bias_correct=False)
+                        for m in RECON_METHODS})
 
 
 def auto_softmax(a_bits: int) -> str:

@@ -438,21 +438,39 @@ def prepare(model: nn.Module, cfg: QuantConfig, example: torch.Tensor) -> dict:
 
 
 def quantize(model: nn.Module, calib_data: CalibData, config: QuantConfig | None = None, *, inplace: bool = False,
-             progress: bool = True) -> nn.Module:
+             progress: bool = True, recon=None, state_dir=None, resume: bool = False) -> nn.Module:
     """Fake-quantize ``model`` with ``config``, calibrated on ``calib_data`` (an [N, 3, H, W]
     tensor of preprocessed images, or an iterable of such batches or (images, labels)).
+
+    The reconstruction methods (brecq, qdrop, pfcr, mgrq) then run ``fastquant.recon`` on
+    the same images with ``recon`` (a ``fastquant.recon.ReconConfig``; None: its defaults),
+    saving their state in ``state_dir`` after every unit and, with ``resume``, continuing
+    from it; the record is kept as ``model.fastquant_recon``.
 
     Returns the quantized model (a copy unless ``inplace``); its modules hold float
     weights and quantizer state, and ``fastquant.save`` stores integer weights.
     """
+    from .config import RECON_METHODS
+
     cfg = config or QuantConfig()
     if not isinstance(cfg, QuantConfig):
         raise FastquantError(f"config must be a fastquant.QuantConfig, got {type(cfg).__name__}")
+    reconstructs = cfg.method in RECON_METHODS
+    if not reconstructs and (recon is not None or state_dir is not None or resume):
+        raise FastquantError(f"reconstruction settings apply to {', '.join(RECON_METHODS)}, not {cfg.method}")
     batches = [_checked(x) for x in _iter_batches(calib_data, cfg.calib_batch_size)]
+    fp_model = model
+    if inplace and reconstructs:
+        fp_model = copy.deepcopy(model)  # the float targets of reconstruction
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
     ln_groups = prepare(model, cfg, batches[0][: min(2, len(batches[0]))])
     calibrate(model, batches, cfg, ln_groups, progress=progress)
     model.fastquant_config = cfg
+    if reconstructs:
+        from .recon import run_method
+
+        model.fastquant_recon = run_method(fp_model, model, torch.cat(batches), cfg.method, recon,
+                                           state_dir=state_dir, resume=resume, progress=progress)
     return model

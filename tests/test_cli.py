@@ -86,6 +86,10 @@ def bad_ckpt(tmp_path):
     (["--calib-size", "100000"], "larger than the training split"),
     (["--out", "/no/such/dir/m.safetensors"], "does not exist"),
     (["--bogus-flag"], "unrecognized arguments"),
+    (["--method", "repq", "--budget", "cpu"], "only for the reconstruction methods"),
+    (["--method", "qdrop", "--no-pos"], "--no-pos applies to pfcr only"),
+    (["--method", "qdrop", "--resume"], "--resume needs --state-dir"),
+    (["--method", "qdrop", "--iters", "0"], "positive"),
 ])
 def test_bad_input_one_line_exit_2(capsys, tmp_path, args, match):
     args = [str(bad_ckpt(tmp_path)) if a == "BAD" else a for a in args]
@@ -118,3 +122,21 @@ def test_console_script_no_traceback(tmp_path):
                           capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("error: unknown model")
+
+
+def test_reconstruction_method_records_budget_and_resumes(capsys, tmp_path):
+    """A reconstruction run through the CLI records its budget; the state dir is not
+    overwritten without --resume, and --resume finishes with the same accuracy."""
+    state = tmp_path / "state"
+    args = ["quantize", *TINY, "--method", "qdrop", "--w-bits", "4", "--a-bits", "4", "--budget", "cpu",
+            "--iters", "2", "--calib-size", "16", "--state-dir", str(state)]
+    code, out, err = run(capsys, *args, "--json", str(tmp_path / "a.json"))
+    assert code == 0, err
+    r = json.loads((tmp_path / "a.json").read_text())
+    assert r["method"] == "qdrop" and r["budget"] == "cpu" and r["iters_per_unit"] == 2 and r["calib_size"] == 16
+    assert len(r["recon_units"]) == 4  # one unit per block of vit-tiny
+    code, _, err = run(capsys, *args, "--json", str(tmp_path / "b.json"))
+    assert code == 2 and "already holds a reconstruction state" in err and not (tmp_path / "b.json").exists()
+    code, _, err = run(capsys, *args, "--resume", "--json", str(tmp_path / "c.json"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "c.json").read_text())["q_top1"] == r["q_top1"]

@@ -1,0 +1,512 @@
+"""The reconstruction engine: learn each unit's quantization state, unit by unit.
+
+    qmodel = fastquant.quantize(model, calib, fastquant.QuantConfig(w_bits=4, a_bits=4))
+    record = fastquant.recon.run_method(model, qmodel, calib, "pfcr", ReconConfig(iters=500))
+
+For every unit of every level, in order, :func:`reconstruct`
+
+1. captures the unit's input from the quantized prefix (the quantized model up to the
+   unit, earlier units already reconstructed, in hard rounding) and from the float
+   prefix, and the float model's output of the unit (the target);
+2. trains the unit's learnable state (AdaRound rounding of every QuantLinear weight,
+   LSQ steps of its activation quantizers; see ``learnable``) with Adam on random
+   batches: the unit's input is the quantized input with each element replaced by the
+   float one with probability ``qdrop_p`` (and QDrop inside the unit likewise); the loss
+   is ``w_rec * MSE(unit output, target)`` plus, if weighted, MGRQ's global term (KL
+   divergence from the float model's logits to the logits of the unit's output run
+   through the rest of the model) and local term (per-layer output distributions
+   against the float layers), each divided by its value at the first step, plus the
+   AdaRound regulariser;
+3. moves on with the unit in hard rounding. A later level starts from the rounding and
+   step sizes the earlier levels learned (``carry``). With PFCR's progressive
+   optimisation strategy (``pos``), a unit's first steps keep its activations (or, with
+   ``pos_mode="acts_first"``, its weights) in float.
+
+At the end (or when interrupted) the hard rounding is written into the weights and the
+learned steps into the quantizers, so the model is again a plain fake-quant model whose
+outputs equal the hard-rounded reconstruction's. The float reference is ``fp_model`` or,
+if none is given, a copy of the model with its quantizers off.
+
+Randomness (batches, QDrop masks) comes from generators seeded per unit from
+``(seed, level, unit index)``, so a run resumed from its state file (``state_dir``)
+ends exactly where an uninterrupted run does.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ..errors import FastquantError
+from ..modules import QuantLinear
+from ..ptq import quantizers_of, set_mode
+from .checkpoint import Checkpoint, fingerprint
+from .config import ReconConfig
+from .learnable import AdaRoundWeight, LearnableState, beta_at
+from .units import (Unit, block_units, embed, find_vit, half_modules, normalize_schedule, pfcr_levels, rest_modules,
+                    run_rest, run_span, unit_modules)
+
+
+@dataclass
+class UnitRecord:
+    """What happened to one unit. ``history``: the training loss per step (the weighted
+    loss terms, each divided by its first value; without the rounding regulariser,
+    whose last value is ``round_reg_last``); ``loss_first``, ``loss_last``: its ends.
+    ``mse_before`` / ``mse_after``: mean squared error of the unit's hard-rounded
+    output against its float target, over all calibration images, before and after
+    its training."""
+
+    level: int
+    index: int
+    name: str
+    iters: int
+    loss_first: float
+    loss_last: float
+    round_reg_last: float
+    mse_before: float
+    mse_after: float
+    seconds: float
+    history: list = field(default_factory=list)
+
+
+@dataclass
+class ReconRecord:
+    method: str
+    config: dict
+    schedule: list
+    units: list = field(default_factory=list)
+    complete: bool = False
+    resumed_from: int = 0  # units already done in the state file this run resumed
+    seconds: float = 0.0  # this call's wall time
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def losses(self) -> dict:
+        """{(level, unit name): loss history}, e.g. for a plot."""
+        return {(u.level, u.name): u.history for u in self.units}
+
+
+def _unit_seed(seed: int, level: int, index: int) -> int:
+    digest = hashlib.sha256(f"fastquant-recon/{seed}/{level}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _check_images(images) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor):
+        raise FastquantError(f"calibration images must be a tensor [N, C, H, W], got {type(images).__name__}")
+    if images.dim() != 4 or len(images) == 0:
+        raise FastquantError(f"calibration images must be a non-empty [N, C, H, W] tensor, "
+                             f"got shape {tuple(images.shape)}")
+    if not torch.is_floating_point(images):
+        raise FastquantError(f"calibration images must be floating point, got {images.dtype}")
+    if not torch.isfinite(images).all():
+        raise FastquantError("calibration data contains NaN or Inf")
+    return images
+
+
+def _bias_corrected(model: nn.Module) -> bool:
+    qcfg = getattr(model, "fastquant_config", None)
+    if qcfg is None or not hasattr(qcfg, "bias_correct"):
+        return False
+    return bool(qcfg.resolved("bias_correct"))
+
+
+def float_copy(model: nn.Module) -> nn.Module:
+    """A copy of a fake-quant model with every quantizer off: its float reference."""
+    fp = copy.deepcopy(model)
+    set_mode(quantizers_of(fp), "off")
+    return fp.eval()
+
+
+def schedule_for(model: nn.Module, cfg: ReconConfig) -> list[list[Unit]]:
+    """The levels of units that ``cfg``'s method reconstructs."""
+    if cfg.resolved("schedule") == "pfcr":
+        return pfcr_levels(model, cfg.merge, cfg.stop_at)
+    return [block_units(model)]
+
+
+class _Stream:
+    """Tokens at one position of the residual stream for all calibration images, from the
+    quantized model (``q``) and the float model (``fp``), on the storage device."""
+
+    def __init__(self, level: int, q: torch.Tensor, fp: torch.Tensor):
+        self.level, self.pos, self.q, self.fp = level, 0, q, fp
+
+
+class _Engine:
+    """One reconstruction run's working state: the models, the calibration images, the
+    learnable wrappers installed in every unit of the schedule, captured tensors."""
+
+    def __init__(self, model, fp, levels, images, cfg, progress):
+        self.model, self.fp, self.images, self.cfg = model, fp, images, cfg
+        self.progress = progress
+        self.device = next(model.parameters()).device
+        self.storage = None  # decided on the first capture
+        self.names = {m: n for n, m in model.named_modules()}
+        self.fp_modules = dict(fp.named_modules())
+        self.fp_logits = None
+        all_mods = []
+        for level in levels:
+            for u in level:
+                all_mods += [m for m in unit_modules(model, u) if all(m is not s for s in all_mods)]
+        self.state = LearnableState(all_mods)
+
+    @torch.no_grad()
+    def check_float_weights(self):
+        """Refuse weights that are already rounded to their grid (by GPTQ, or by an earlier
+        reconstruction): AdaRound chooses between the two grid points around a float
+        weight, and a weight on a grid point leaves it only the one above."""
+        for layer, w in self.state.weights.items():
+            x = layer.weight / w.quantizer.scale
+            on_grid = ((x - torch.round(x)).abs() < 1e-3).float().mean().item()
+            if on_grid > 0.5:
+                raise FastquantError(f"the weights of {self.names[layer]} are already rounded to their quantization grid "
+                                     f"({on_grid:.0%} on it): reconstruction learns the rounding and needs the float "
+                                     "weights (quantize with round-to-nearest weights, not GPTQ)")
+
+    # -- batched no-grad maps over the calibration set -------------------------------
+    def _map(self, fn: Callable, x: torch.Tensor) -> torch.Tensor:
+        bs = self.cfg.capture_batch_size
+        outs = [fn(x[i:i + bs].to(self.device)).to(self.storage) for i in range(0, len(x), bs)]
+        return torch.cat(outs)
+
+    def _decide_storage(self, tokens: torch.Tensor):
+        need = 3 * len(self.images) * tokens[0].numel() * tokens.element_size()
+        if self.device.type == "cpu":
+            self.storage = self.device
+            return
+        limit = self.cfg.max_device_bytes
+        if limit is None:
+            limit = torch.cuda.mem_get_info(self.device)[0] // 2 if self.device.type == "cuda" else 0
+        self.storage = self.device if need <= limit else torch.device("cpu")
+
+    @torch.no_grad()
+    def start_stream(self, level: int) -> _Stream:
+        """The embedding's output: position 0 of ``level``."""
+        if self.storage is None:
+            self._decide_storage(embed(self.model, self.images[:1].to(self.device)))
+        q = self._map(lambda x: embed(self.model, x), self.images)
+        fp = self._map(lambda x: embed(self.fp, x), self.images)
+        return _Stream(level, q, fp)
+
+    @torch.no_grad()
+    def advance(self, s: _Stream, pos: int):
+        if s.pos < pos:
+            s.q = self._map(lambda x: run_span(self.model, x, s.pos, pos), s.q)
+            s.fp = self._map(lambda x: run_span(self.fp, x, s.pos, pos), s.fp)
+            s.pos = pos
+
+    @torch.no_grad()
+    def _hard_pass(self, unit: Unit, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The unit's hard-rounded output for all images, and its MSE against ``target``."""
+        out = self._map(lambda b: run_span(self.model, b, unit.start, unit.end), x)
+        sq = sum(float((out[i:i + 1024] - target[i:i + 1024]).double().pow(2).sum()) for i in range(0, len(out), 1024))
+        return out, sq / out.numel()
+
+    def _float_logits(self) -> torch.Tensor:
+        if self.fp_logits is None:
+            with torch.no_grad():
+                self.fp_logits = self._map(self.fp, self.images)
+        return self.fp_logits
+
+    # -- one unit ----------------------------------------------------------------------
+    def train_unit(self, li: int, ui: int, unit: Unit, s: _Stream, trained: set, label: str) -> UnitRecord:
+        """Reconstruct ``unit`` (unit ``ui`` of level ``li``) from the stream at its start,
+        then advance the stream past it. ``trained``: halves an earlier unit reconstructed
+        (their rounding is carried over, see ``ReconConfig.carry``)."""
+        cfg, model = self.cfg, self.model
+        t0 = time.time()
+        weights, acts = self.state.of(unit_modules(model, unit))
+        with torch.no_grad():
+            target = self._map(lambda x: run_span(self.fp, x, unit.start, unit.end), s.fp)
+        _, mse_before = self._hard_pass(unit, s.q, target)
+        if cfg.carry < 1:
+            for pos in sorted(trained & set(range(unit.start, unit.end))):
+                for layer, w in self.state.of(half_modules(model, pos))[0]:
+                    w.carry(layer.weight, cfg.carry)
+
+        seed = _unit_seed(cfg.seed, li, ui)
+        gen_batch = torch.Generator().manual_seed(seed)
+        gen_drop = torch.Generator(device=self.device).manual_seed(seed)
+        qdrop_p = cfg.resolved("qdrop_p")
+        w_rec, w_glob, w_loc = (cfg.resolved(k) for k in ("w_rec", "w_global", "w_local"))
+        alphas = [w.alpha for _, w in weights]
+        scales = [a.scale for a in acts if a.scale is not None]
+        lrs = ((alphas, cfg.resolved("lr_round")), (scales, cfg.lr_act))
+        groups = [{"params": ps, "lr": lr} for ps, lr in lrs if ps]
+        if not groups:
+            raise FastquantError(f"unit {unit.name} has nothing to learn (no quantized layers)")
+        opt = torch.optim.Adam(groups)
+        for p in alphas + scales:
+            p.requires_grad_(True)
+        self.state.mark_trained(unit_modules(model, unit))
+        for _, w in weights:
+            w.soft = True
+        for a in acts:
+            a.generator = gen_drop
+        split = int(cfg.pos_split * cfg.iters) if cfg.resolved("pos") else 0
+        acts_first = cfg.pos_mode == "acts_first"
+        round_from = split if acts_first else 0  # the step where the rounding starts training
+        local = _LocalTaps(self, unit, [layer for layer, _ in weights]) if w_loc > 0 else None
+        rest_quantizers = ([q for m in rest_modules(model, unit) for q in quantizers_of(m)]
+                           if w_glob > 0 and cfg.global_rest == "float" else [])
+        n, bs = len(s.q), min(cfg.batch_size, len(s.q))
+        history, norms, reg_last = [], {}, 0.0
+        bar = tqdm(range(cfg.iters), desc=label, unit="it", disable=not self.progress, leave=False)
+        try:
+            for it in bar:
+                stage = 0 if it < split else 1
+                if it == split:
+                    norms = {}  # each POS stage normalises its losses afresh
+                if it == split or it == 0:
+                    for _, w in weights:
+                        w.float_weight = stage == 0 and acts_first
+                    for a in acts:
+                        a.float_act = stage == 0 and not acts_first
+                        a.drop_p = 0.0 if a.float_act else qdrop_p
+                idx = torch.randperm(n, generator=gen_batch)[:bs]
+                x_q = s.q[idx.to(s.q.device)].to(self.device)
+                x_fp = s.fp[idx.to(s.fp.device)].to(self.device)
+                x_in = x_q
+                if qdrop_p > 0:
+                    keep_float = torch.rand(x_q.shape, generator=gen_drop, device=self.device) < qdrop_p
+                    x_in = torch.where(keep_float, x_fp, x_q)
+                if local is not None:
+                    local.arm()
+                out = run_span(model, x_in, unit.start, unit.end)
+                terms = {}
+                if w_rec > 0:
+                    terms["rec"] = (w_rec, F.mse_loss(out, target[idx.to(target.device)].to(self.device)))
+                if w_glob > 0:
+                    terms["global"] = (w_glob, self._global_term(out, unit, idx, rest_quantizers))
+                if local is not None:
+                    terms["local"] = (w_loc, local.loss(x_fp))
+                fit = sum(wt * t / norms.setdefault(k, t.detach().clamp_min(1e-12)) for k, (wt, t) in terms.items())
+                loss = fit
+                beta = None
+                if it >= round_from:
+                    beta = beta_at(it - round_from, cfg.iters - round_from, cfg.warmup, cfg.beta)
+                if beta is not None and cfg.round_weight > 0 and weights:
+                    reg = cfg.round_weight * sum(w.regularizer(beta) for _, w in weights)
+                    loss = loss + reg
+                    reg_last = reg.item()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                history.append(fit.item())
+                if it % 10 == 0 or it == cfg.iters - 1:
+                    bar.set_postfix_str(f"loss {history[-1]:.4g}", refresh=False)
+        finally:
+            bar.close()
+            if local is not None:
+                local.remove()
+            for p in alphas + scales:
+                p.requires_grad_(False)
+                p.grad = None
+            for _, w in weights:
+                w.soft, w.float_weight = False, False
+            for a in acts:
+                a.float_act, a.drop_p, a.generator = False, 0.0, None
+
+        s.q, mse_after = self._hard_pass(unit, s.q, target)
+        s.fp, s.pos = target, unit.end
+        return UnitRecord(li, ui, unit.name, cfg.iters, history[0], history[-1], reg_last, mse_before, mse_after,
+                          round(time.time() - t0, 3), history)
+
+    def _global_term(self, out: torch.Tensor, unit: Unit, idx: torch.Tensor, rest_quantizers: list) -> torch.Tensor:
+        """KL(float model's softmax || softmax of the unit's output through the rest)."""
+        fp_logits = self._float_logits()
+        if self.cfg.global_batch is not None:
+            out, idx = out[:self.cfg.global_batch], idx[:self.cfg.global_batch]
+        modes = [q.mode for q in rest_quantizers]
+        set_mode(rest_quantizers, "off")
+        try:
+            logits = run_rest(self.model, out, unit)
+        finally:
+            for q, m in zip(rest_quantizers, modes):
+                q.mode = m
+        ref = fp_logits[idx.to(fp_logits.device)].to(self.device)
+        return F.kl_div(F.log_softmax(logits, -1), F.log_softmax(ref, -1), log_target=True, reduction="batchmean")
+
+
+class _LocalTaps:
+    """MGRQ's local term: the output of every QuantLinear in the unit against the float
+    model's same layer, taken on the float input of the unit."""
+
+    def __init__(self, engine: _Engine, unit: Unit, layers: list[QuantLinear]):
+        self.engine, self.unit = engine, unit
+        self.mode = engine.cfg.local_loss
+        self.q_out: dict[int, torch.Tensor] = {}
+        self.fp_out: dict[int, torch.Tensor] = {}
+        self.armed = False
+        self.hooks = []
+        for i, layer in enumerate(layers):
+            fp_layer = engine.fp_modules.get(engine.names[layer])
+            if fp_layer is None:
+                raise FastquantError(f"the float model has no layer {engine.names[layer]} to compare with")
+            self.hooks.append(layer.register_forward_hook(self._tap(self.q_out, i, armed_only=True)))
+            self.hooks.append(fp_layer.register_forward_hook(self._tap(self.fp_out, i, armed_only=False)))
+
+    def _tap(self, store: dict, i: int, armed_only: bool):
+        def hook(mod, inp, out):
+            if self.armed or not armed_only:
+                store[i] = out
+        return hook
+
+    def arm(self):
+        self.q_out.clear()
+        self.armed = True
+
+    def loss(self, x_fp: torch.Tensor) -> torch.Tensor:
+        self.armed = False
+        self.fp_out.clear()
+        with torch.no_grad():
+            run_span(self.engine.fp, x_fp, self.unit.start, self.unit.end)
+        terms = []
+        for i, q in self.q_out.items():
+            f = self.fp_out[i]
+            if self.mode == "mse":
+                terms.append(F.mse_loss(q, f) / f.pow(2).mean().clamp_min(1e-12))
+            else:
+                q2, f2 = q.reshape(-1, q.shape[-1]), f.reshape(-1, f.shape[-1])
+                var_f = f2.var(0, unbiased=False)
+                d_mean = (q2.mean(0) - f2.mean(0)).pow(2).mean()
+                d_std = (q2.std(0, unbiased=False) - var_f.sqrt()).pow(2).mean()
+                terms.append((d_mean + d_std) / var_f.mean().clamp_min(1e-12))
+        if not terms:
+            raise FastquantError(f"unit {self.unit.name} has no quantized layers for the local loss")
+        return torch.stack(terms).mean()
+
+    def remove(self):
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+
+def reconstruct(model: nn.Module, levels, calib_images: torch.Tensor, cfg: ReconConfig | None = None, *,
+                fp_model: nn.Module | None = None, state_dir=None, resume: bool = False, progress: bool = True,
+                max_units: int | None = None, on_unit: Callable[[UnitRecord], None] | None = None) -> ReconRecord:
+    """Reconstruct ``model`` (a calibrated fake-quant model from ``fastquant.quantize``), in
+    place, unit by unit over ``levels`` (a list of levels, each a list of units or unit
+    names; a plain list of units is one level), on ``calib_images`` [N, C, H, W].
+
+    ``fp_model``: the float model giving targets (default: ``model`` with quantizers off,
+    refused for a bias-corrected model, which is not the float model then).
+    ``state_dir``: save the state after every unit there; ``resume``: continue from it
+    (an existing state without ``resume``, or one from a different run, is an error and
+    nothing is overwritten). ``max_units``: stop after this many units (the state stays
+    resumable). ``on_unit``: called with each finished unit's record.
+    Returns the record of per-unit losses; the model ends with hard rounding written back.
+    """
+    cfg = ReconConfig() if cfg is None else cfg
+    if resume and state_dir is None:
+        raise FastquantError("resuming needs the state dir of the run to resume (--state-dir)")
+    if not isinstance(cfg, ReconConfig):
+        raise FastquantError(f"cfg must be a fastquant.recon.ReconConfig, got {type(cfg).__name__}")
+    if max_units is not None and (isinstance(max_units, bool) or not isinstance(max_units, int) or max_units < 0):
+        raise FastquantError(f"max_units must be a non-negative integer or None, got {max_units!r}")
+    levels = normalize_schedule(model, levels)
+    images = _check_images(calib_images)
+    if fp_model is None or fp_model is model:
+        if _bias_corrected(model):
+            raise FastquantError("the model's biases were corrected for quantization (QuantConfig.bias_correct), so "
+                                 "with its quantizers off it is not the float model: pass fp_model")
+        fp = float_copy(model)
+    else:
+        fp = fp_model
+        if len(find_vit(fp).blocks) != len(find_vit(model).blocks):
+            raise FastquantError("fp_model and model have different numbers of blocks")
+        devices = {next(m.parameters()).device for m in (model, fp)}
+        if len(devices) > 1:
+            raise FastquantError(f"fp_model and model are on different devices ({', '.join(map(str, devices))})")
+        shared = {p.data_ptr() for p in model.parameters()} & {p.data_ptr() for p in fp.parameters()}
+        if shared:
+            raise FastquantError("fp_model shares parameters with model: pass a separate float model "
+                                 "(fastquant.quantize returns a copy unless inplace=True)")
+    checkpoint = None
+    resumed = None
+    if state_dir is not None:
+        checkpoint = Checkpoint(state_dir, fingerprint(model, fp, cfg, levels, images))
+        resumed = checkpoint.open(resume)
+
+    was_training = [(m, m.training) for m in (model, fp)]
+    model.eval()
+    fp.eval()
+
+    t0 = time.time()
+    flags = [(p, p.requires_grad) for m in (model, fp) for p in m.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    engine = None
+    record = ReconRecord(cfg.method, cfg.to_dict(), [[u.name for u in level] for level in levels])
+    flat = [(li, ui, u) for li, level in enumerate(levels) for ui, u in enumerate(level)]
+    done = 0
+    try:
+        engine = _Engine(model, fp, levels, images, cfg, progress)
+        if resumed is not None:
+            model.load_state_dict(resumed["state_dict"], strict=True)
+            done = int(resumed["done"])
+            for _, _, u in flat[:done]:
+                engine.state.mark_trained(unit_modules(model, u))
+            record.units = [UnitRecord(**u) for u in resumed["record"]["units"]]
+            record.resumed_from = done
+        engine.check_float_weights()
+        stream, ran = None, 0
+        for k in range(done, len(flat)):
+            if max_units is not None and ran >= max_units:
+                break
+            li, ui, unit = flat[k]
+            if stream is None or stream.level != li or stream.pos > unit.start:
+                stream = engine.start_stream(li)
+            engine.advance(stream, unit.start)
+            label = f"L{li} {unit.name} ({k + 1}/{len(flat)})"
+            trained = {p for _, _, u in flat[:k] for p in range(u.start, u.end)}  # halves already reconstructed
+            rec = engine.train_unit(li, ui, unit, stream, trained, label)
+            record.units.append(rec)
+            done, ran = k + 1, ran + 1
+            if checkpoint is not None:
+                record.complete = done == len(flat)
+                checkpoint.save(model.state_dict(), done, record.to_dict())
+            if on_unit is not None:
+                on_unit(rec)
+        record.complete = done == len(flat)
+    finally:
+        if engine is not None:
+            engine.state.write_back()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, training in was_training:
+            m.train(training)
+    record.seconds = round(time.time() - t0, 2)
+    return record
+
+
+def run_method(model_fp: nn.Module, qmodel: nn.Module, calib_images: torch.Tensor, method: str,
+               recon_cfg: ReconConfig | None = None, state_dir=None, resume: bool = False, progress: bool = True,
+               **kwargs) -> ReconRecord:
+    """Reconstruct ``qmodel`` in place with ``method`` (brecq, qdrop, pfcr, mgrq): the
+    method's schedule and defaults applied to ``recon_cfg``, targets from ``model_fp``.
+    Other keyword arguments go to :func:`reconstruct`."""
+    cfg = dataclasses.replace(recon_cfg or ReconConfig(method=method), method=method)
+    return reconstruct(qmodel, schedule_for(qmodel, cfg), calib_images, cfg, fp_model=model_fp,
+                       state_dir=state_dir, resume=resume, progress=progress, **kwargs)
+
+
+def hard_codes(model: nn.Module) -> dict:
+    """{layer name: integer weight codes} of every QuantLinear, for comparisons."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            wq = m.weight_quant
+            codes = wq.hard_codes() if isinstance(wq, AdaRoundWeight) else wq.quantize(m.weight.detach())
+            out[name] = codes.to(torch.uint8)
+    return out

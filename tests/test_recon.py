@@ -1,0 +1,303 @@
+"""The reconstruction engine on vit-tiny-fmnist: schedules, learnable state, methods,
+write-back, resume, bad input. Few images and steps, so the file runs in seconds."""
+import copy
+import os
+import shutil
+
+import pytest
+import torch
+
+import fastquant
+from fastquant import recon
+from fastquant.evaluate import evaluate
+from fastquant.modules import QuantLinear
+from fastquant.recon.learnable import LearnableState, beta_at
+
+N_CALIB = 32
+# RepQ's calibration with round-to-nearest weights and no bias correction: the float
+# weights are AdaRound's starting point.
+BASE = fastquant.QuantConfig(w_bits=4, a_bits=4, method="rtn", calib="mse", softmax="auto", reparam=True)
+
+
+@pytest.fixture(scope="module")
+def w4a4(tiny, tiny_data):
+    """(float model, calibrated W4A4 model, calibration images)."""
+    model, _, _ = tiny
+    calib = tiny_data[0][:N_CALIB]
+    q = fastquant.quantize(model, calib, BASE, progress=False)
+    return model, q, calib
+
+
+def fast(**kw) -> recon.ReconConfig:
+    return recon.ReconConfig(**{"iters": 12, "batch_size": 8, "capture_batch_size": 16, **kw})
+
+
+def state_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- schedules ----------------------------------------------------------------------------
+def test_pfcr_levels_fine_to_coarse(tiny):
+    model, _, _ = tiny
+    names = [[u.name for u in level] for level in recon.pfcr_levels(model)]
+    assert names == [["attn0", "mlp0", "attn1", "mlp1", "attn2", "mlp2", "attn3", "mlp3"],
+                     ["block0", "block1", "block2", "block3"], ["blocks0-1", "blocks2-3"], ["blocks0-3"]]
+    assert [[u.name for u in lv] for lv in recon.pfcr_levels(model, merge=4)] == [
+        names[0], ["blocks0-1", "blocks2-3"], ["blocks0-3"]]
+    assert [len(lv) for lv in recon.pfcr_levels(model, merge=3)] == [8, 3, 1]
+    assert recon.pfcr_levels(model, merge=3)[1][0].name == "attn0..attn1"
+    assert len(recon.pfcr_levels(model, stop_at=1)) == 2
+    assert len(recon.pfcr_levels(model, stop_at=0)) == 1
+    assert [u.name for u in recon.block_units(model)] == ["block0", "block1", "block2", "block3"]
+    units = [u for lv in recon.pfcr_levels(model) for u in lv]
+    assert all(recon.unit_by_name(model, u.name) == u for u in units)
+
+
+@pytest.mark.parametrize("name", ["block4", "attn9", "mlp4", "blocks3-1", "blocks2-7", "head", "attn1..attn0", "block"])
+def test_unknown_unit_is_an_error(tiny, name):
+    model, _, _ = tiny
+    with pytest.raises(fastquant.FastquantError, match="unknown unit"):
+        recon.schedule_from_names(model, [["attn0", name]])
+
+
+def test_reconstruct_refuses_a_schedule_with_a_missing_unit(w4a4, tmp_path):
+    model, q, calib = w4a4
+    q = copy.deepcopy(q)
+    with pytest.raises(fastquant.FastquantError, match="unknown unit 'block9'"):
+        recon.reconstruct(q, [["block0", "block9"]], calib, fast(), fp_model=model, state_dir=tmp_path / "s")
+    assert not (tmp_path / "s").exists() and state_equal(q.state_dict(), w4a4[1].state_dict())
+
+
+def test_bad_schedules(tiny):
+    model, _, _ = tiny
+    for bad in ([], [[]], "block0", [["block0"], []]):
+        with pytest.raises(fastquant.FastquantError, match="schedule"):
+            recon.schedule_from_names(model, bad)
+    with pytest.raises(fastquant.FastquantError, match="merge"):
+        recon.pfcr_levels(model, merge=1)
+    with pytest.raises(fastquant.FastquantError, match="needs a timm VisionTransformer"):
+        recon.find_vit(torch.nn.Linear(2, 2))
+
+
+def test_units_compose_to_the_model(w4a4):
+    """Embedding, units and the rest of the model give the model's own logits, exactly."""
+    model, q, calib = w4a4
+    x = calib[:4]
+    with torch.no_grad():
+        for m in (model, q):
+            tokens = recon.embed(m, x)
+            for unit in recon.pfcr_levels(m)[0][:3]:
+                tokens = recon.run_unit(m, tokens, unit)
+            assert torch.equal(recon.run_rest(m, tokens, 3), m(x))
+
+
+# -- learnable state ----------------------------------------------------------------------
+def test_adaround_starts_at_the_float_weight_and_rtn(w4a4):
+    _, q, _ = w4a4
+    q = copy.deepcopy(q)
+    layer = q.blocks[1].mlp.fc1
+    rtn = layer.weight_quant(layer.weight).detach()
+    state = LearnableState([q.blocks[1]])
+    ada = state.weights[layer]
+    assert isinstance(layer.input_quant, recon.ActQuant) and len(state.weights) == 4
+    ada.soft = True
+    s, z, qmax = ada.quantizer.scale, ada.quantizer.zero_point, ada.quantizer.qmax
+    inside = ((layer.weight / s + z) >= 0) & ((layer.weight / s + z) <= qmax)
+    assert inside.float().mean() > 0.9
+    torch.testing.assert_close(ada(layer.weight)[inside], layer.weight[inside], rtol=0, atol=1e-6)
+    ada.soft = False
+    assert torch.equal(ada(layer.weight).detach(), rtn)
+
+
+def test_write_back_reproduces_the_hard_rounding(w4a4):
+    """After write-back the plain quantizers give exactly the wrapped model's output."""
+    _, q, calib = w4a4
+    q = copy.deepcopy(q)
+    state = LearnableState(list(q.blocks))
+    state.mark_trained(list(q.blocks))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for ada in state.weights.values():
+            ada.alpha.add_(torch.randn(ada.alpha.shape, generator=g))  # flip many roundings away from RTN
+        for _, _, act in state.acts:
+            if act.scale is not None:
+                act.scale.mul_(1.1)
+        wrapped = q(calib[:8])
+        codes = recon.hard_codes(q)
+    state.write_back()
+    assert not any(isinstance(m, (recon.AdaRoundWeight, recon.ActQuant)) for m in q.modules())
+    with torch.no_grad():
+        assert torch.equal(q(calib[:8]), wrapped)
+    after = recon.hard_codes(q)
+    assert all(torch.equal(codes[k], after[k]) for k in codes)
+    rtn_changed = sum(int((codes[k] != recon.hard_codes(w4a4[1])[k]).sum()) for k in codes)
+    assert rtn_changed > 1000
+
+
+def test_beta_schedule():
+    assert beta_at(0, 100, 0.2, (20.0, 2.0)) is None and beta_at(19, 100, 0.2, (20.0, 2.0)) is None
+    assert beta_at(20, 100, 0.2, (20.0, 2.0)) == 20.0
+    assert beta_at(99, 100, 0.2, (20.0, 2.0)) == pytest.approx(2.0 + 18.0 / 80)
+
+
+# -- the engine ---------------------------------------------------------------------------
+def test_qdrop_lowers_every_unit_loss_and_writes_back(w4a4, tiny_data, tmp_path):
+    model, q0, calib = w4a4
+    q = copy.deepcopy(q0)
+    probe = calib[:8]
+    seen = {}
+
+    def on_unit(rec):
+        if rec.name == "block3":
+            with torch.no_grad():
+                seen["wrapped"] = q(probe)
+
+    cfg = fast(iters=40)
+    record = recon.run_method(model, q, calib, "qdrop", cfg, progress=False, on_unit=on_unit)
+    assert record.complete and [u.name for u in record.units] == ["block0", "block1", "block2", "block3"]
+    for u in record.units:
+        assert len(u.history) == 40 and u.loss_first == 1.0
+        assert u.mse_after < u.mse_before, u
+    assert sum(u.mse_after for u in record.units) < 0.8 * sum(u.mse_before for u in record.units)
+    assert not any(isinstance(m, (recon.AdaRoundWeight, recon.ActQuant)) for m in q.modules())
+    assert [p.requires_grad for p in q.parameters()] == [p.requires_grad for p in q0.parameters()]
+    with torch.no_grad():
+        assert torch.equal(q(probe), seen["wrapped"])
+        # Block weights sit on their quantization grid: fake-quantizing them changes nothing.
+        for m in q.blocks.modules():
+            if isinstance(m, QuantLinear):
+                assert torch.equal(m.weight_quant(m.weight), m.weight)
+    # Saved with integer weights and loaded again, the reconstructed model is the same.
+    loaded = fastquant.load(fastquant.save(q, tmp_path / "q.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(loaded(probe), seen["wrapped"])
+    fp_acc = evaluate(model, tiny_data[1], 300, progress=False)
+    assert evaluate(q, tiny_data[1], 300, progress=False) > fp_acc - 10
+
+
+def test_float_reference_defaults_to_the_model_with_quantizers_off(w4a4):
+    model, _, calib = w4a4
+    rtn = fastquant.QuantConfig(w_bits=4, a_bits=4, method="rtn")
+    q = fastquant.quantize(model, calib, rtn, progress=False)
+    unit = recon.reconstruct(q, [["block1"]], calib, fast(), progress=False).units[0]
+    assert unit.name == "block1" and unit.mse_after < unit.mse_before
+    if "bias_correct" in fastquant.QuantConfig.__dataclass_fields__:
+        cfg = fastquant.QuantConfig(w_bits=4, a_bits=4, method="rtn", bias_correct=True)
+        q = fastquant.quantize(model, calib, cfg, progress=False)
+        with pytest.raises(fastquant.FastquantError, match="pass fp_model"):
+            recon.reconstruct(q, [["block1"]], calib, fast(), progress=False)
+
+
+def test_methods_are_configurations(w4a4):
+    model, q0, calib = w4a4
+    assert recon.ReconConfig(method="brecq").resolved("qdrop_p") == 0.0
+    assert recon.ReconConfig(method="pfcr").resolved("pos") is True
+    assert recon.ReconConfig(method="pfcr", pos=False).resolved("pos") is False
+    assert recon.ReconConfig(method="mgrq").resolved("w_global") > 0
+    assert recon.ReconConfig(iters=20000).resolved("lr_round") == 1e-3
+    assert recon.ReconConfig(iters=300).resolved("lr_round") == pytest.approx(1e-3 * 20000 / 300)
+    assert recon.ReconConfig(iters=10).resolved("lr_round") == 0.1
+
+    q = copy.deepcopy(q0)
+    pfcr = recon.run_method(model, q, calib, "pfcr", fast(iters=6, stop_at=1), progress=False)
+    assert [u.name for u in pfcr.units][:3] == ["attn0", "mlp0", "attn1"] and len(pfcr.units) == 12
+    # POS: the activations turn quantized half-way, and the losses are normalised afresh.
+    assert all(u.history[0] == 1.0 and u.history[3] == 1.0 for u in pfcr.units)
+    q = copy.deepcopy(q0)
+    acts_first = recon.run_method(model, q, calib, "pfcr", fast(iters=6, stop_at=0, pos_mode="acts_first"),
+                                  progress=False)
+    assert len(acts_first.units) == 8 and all(u.history[3] == 1.0 for u in acts_first.units)
+
+    for kw in (dict(), dict(global_rest="float", local_loss="mse", global_batch=3)):
+        q = copy.deepcopy(q0)
+        mgrq = recon.run_method(model, q, calib, "mgrq", fast(iters=4, **kw), progress=False)
+        assert mgrq.complete and all(u.mse_after < u.mse_before and u.history[0] == 3.0 for u in mgrq.units)
+
+
+def test_resume_gives_the_uninterrupted_result(w4a4, tmp_path):
+    model, q0, calib = w4a4
+    cfg = fast(iters=5, stop_at=1)
+    whole = copy.deepcopy(q0)
+    full = recon.run_method(model, whole, calib, "pfcr", cfg, state_dir=tmp_path / "a", progress=False)
+
+    part = copy.deepcopy(q0)
+    first = recon.run_method(model, part, calib, "pfcr", cfg, state_dir=tmp_path / "b", progress=False, max_units=5)
+    assert not first.complete and len(first.units) == 5
+    assert not any(isinstance(m, recon.AdaRoundWeight) for m in part.modules())  # usable as it stands
+    # Units 0-4 (attn0 .. attn2) are written back; layers no unit reached keep their weights.
+    assert not torch.equal(part.blocks[0].attn.qkv.weight, q0.blocks[0].attn.qkv.weight)
+    assert torch.equal(part.blocks[2].mlp.fc1.weight, q0.blocks[2].mlp.fc1.weight)
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    resumed = copy.deepcopy(q0)
+    second = recon.run_method(model, resumed, calib, "pfcr", cfg, state_dir=tmp_path / "b", resume=True, progress=False)
+    assert second.complete and second.resumed_from == 5
+    assert [u.name for u in second.units] == [u.name for u in full.units]
+    png = recon.plot_losses(second, tmp_path / "losses.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [u.history for u in second.units] == [u.history for u in full.units]
+    assert state_equal(resumed.state_dict(), whole.state_dict())
+    # Resuming into the model the interrupted run returned works as well.
+    recon.run_method(model, part, calib, "pfcr", cfg, state_dir=tmp_path / "c", resume=True, progress=False)
+    assert state_equal(part.state_dict(), whole.state_dict())
+    assert not state_equal(resumed.state_dict(), q0.state_dict())
+
+
+# -- bad input ----------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(w_rec=-1.0), "w_rec must be a non-negative"),
+    (dict(method="mgrq", w_global=-0.5), "w_global must be a non-negative"),
+    (dict(method="mgrq", w_local=float("nan")), "w_local must be a non-negative"),
+    (dict(method="brecq", w_rec=0.0), "all zero"),
+    (dict(method="mgrq", w_rec=0.0, w_global=0.0, w_local=0.0), "all zero"),
+    (dict(method="gptq"), "unknown reconstruction method"),
+    (dict(iters=0), "iters must be a positive integer"),
+    (dict(qdrop_p=1.5), "qdrop_p"),
+    (dict(beta=(2.0, 20.0)), "beta"),
+    (dict(warmup=1.0), "warmup"),
+])
+def test_bad_config(kwargs, match):
+    with pytest.raises(fastquant.FastquantError, match=match):
+        recon.ReconConfig(**kwargs)
+
+
+def test_refuses_weights_already_on_the_grid(w4a4):
+    model, q0, calib = w4a4
+    q = copy.deepcopy(q0)
+    with torch.no_grad():
+        fc2 = q.blocks[2].mlp.fc2
+        fc2.weight.copy_(fc2.weight_quant(fc2.weight))  # as GPTQ leaves them
+    with pytest.raises(fastquant.FastquantError, match="blocks.2.mlp.fc2 are already rounded"):
+        recon.run_method(model, q, calib, "qdrop", fast(), progress=False)
+    assert not any(isinstance(m, recon.AdaRoundWeight) for m in q.modules())
+
+
+def test_bad_calibration_images(w4a4):
+    model, q, calib = w4a4
+    bad = calib[:4].clone()
+    bad[0, 0, 0, 0] = float("nan")
+    for images, match in ((bad, "NaN"), (calib[:0], "non-empty"), (calib[0], "non-empty"), ([calib], "tensor")):
+        with pytest.raises(fastquant.FastquantError, match=match):
+            recon.run_method(model, copy.deepcopy(q), images, "qdrop", fast(), progress=False)
+
+
+def test_resume_refuses_another_run_and_overwrites_nothing(w4a4, tmp_path):
+    model, q0, calib = w4a4
+    state = tmp_path / "state"
+    recon.run_method(model, copy.deepcopy(q0), calib, "qdrop", fast(iters=2), state_dir=state, progress=False,
+                     max_units=1)
+    path = state / "recon_state.pt"
+    before = (path.read_bytes(), os.stat(path).st_mtime_ns)
+    q = copy.deepcopy(q0)
+    for method, cfg, match in (("qdrop", fast(iters=3), "recon_config"), ("brecq", fast(iters=2), "recon_config"),
+                               ("pfcr", fast(iters=2), "recon_config, schedule")):
+        with pytest.raises(fastquant.FastquantError, match=match):
+            recon.run_method(model, q, calib, method, cfg, state_dir=state, resume=True, progress=False)
+    with pytest.raises(fastquant.FastquantError, match="calibration"):
+        recon.run_method(model, q, calib[:16], "qdrop", fast(iters=2), state_dir=state, resume=True, progress=False)
+    with pytest.raises(fastquant.FastquantError, match="needs the state dir"):
+        recon.run_method(model, q, calib, "qdrop", fast(iters=2), resume=True, progress=False)
+    with pytest.raises(fastquant.FastquantError, match="already holds"):
+        recon.run_method(model, q, calib, "qdrop", fast(iters=2), state_dir=state, progress=False)
+    assert (path.read_bytes(), os.stat(path).st_mtime_ns) == before
+    assert state_equal(q.state_dict(), q0.state_dict())
+    assert not any(isinstance(m, (recon.AdaRoundWeight, recon.ActQuant)) for m in q.modules())
