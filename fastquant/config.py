@@ -89,7 +89,8 @@ class QuantConfig:
             raise FastquantError(f"percentile must be in (50, 100], got {self.percentile!r}")
 
     def resolved(self, key: str):
-        """The value of calib/softmax/reparam/output_aware/bias_correct/weight_rounding after the method's defaults are applied."""
+        """The value of a method-dependent field (calib, softmax, reparam, output_aware,
+        bias_correct, weight_rounding) after the method's defaults are applied."""
         value = getattr(self, key)
         if value is None:
             value = METHOD_DEFAULTS[self.method][key]

@@ -76,7 +76,7 @@ class UniformQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.zeros(scale_shape))
         self.mode = "off"  # off | observe | quant
         # Optional tensor broadcastable to the input: how much the squared error of each
-        # element costs downstream; the consumer sets it while observing (see QuantLinear).
+        # element costs downstream, set during calibration (fastquant.ptq._error_weight_hooks).
         self.error_weight = None
         self._reset_stats()
 
