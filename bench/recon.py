@@ -1,0 +1,75 @@
+"""Reconstruction table: full precision, rtn, repq and the reconstruction methods on
+dinov2-s14-fmnist at a given budget.
+
+    python bench/recon.py [--settings 4/4,3/3] [--budget cpu] [--eval-size 2000]
+                          [--methods rtn,repq,brecq,qdrop,pfcr,pfcr-nopos,mgrq]
+
+Runs `fastquant quantize` once per (method, setting) with --json (`pfcr-nopos` is
+`--method pfcr --no-pos`), keeps each run's JSON in bench/results/runs/ and reuses it on a
+rerun (delete it to measure again), then writes bench/results/recon_<model>_<budget>.json
+and prints a Markdown table with each row's budget, steps per unit and wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RECON = ("brecq", "qdrop", "pfcr", "pfcr-nopos", "mgrq")
+
+
+def command(model, method, w, a, budget, eval_size, js):
+    base = "pfcr" if method == "pfcr-nopos" else method
+    cmd = [sys.executable, "-m", "fastquant.cli", "quantize", "--model", model, "--data", "fmnist",
+           "--method", base, "--w-bits", str(w), "--a-bits", str(a), "--eval-size", str(eval_size)]
+    if method in RECON:
+        cmd += ["--budget", budget]
+    if method == "pfcr-nopos":
+        cmd += ["--no-pos"]
+    return cmd + ["--json", str(js)]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="dinov2-s14-fmnist")
+    p.add_argument("--settings", default="4/4,3/3")
+    p.add_argument("--budget", default="cpu", choices=("cpu", "full"))
+    p.add_argument("--eval-size", type=int, default=2000)
+    p.add_argument("--methods", default="rtn,repq,brecq,qdrop,pfcr,pfcr-nopos,mgrq")
+    args = p.parse_args(argv)
+    runs = ROOT / "bench" / "results" / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    records = []
+    for setting in args.settings.split(","):
+        w, a = (int(v) for v in setting.split("/"))
+        for method in args.methods.split(","):
+            tag = f"{args.budget}_" if method in RECON else ""
+            js = runs / f"{args.model}_{method}_{tag}w{w}a{a}.json"
+            cmd = command(args.model, method, w, a, args.budget, args.eval_size, js)
+            shown = " ".join(["fastquant"] + cmd[3:-2])
+            if not js.is_file():
+                print("$", shown, flush=True)
+                subprocess.run(cmd, check=True)
+            rec = json.loads(js.read_text())
+            rec["row"], rec["command"] = method, shown
+            records.append(rec)
+    out = ROOT / "bench" / "results" / f"recon_{args.model}_{args.budget}.json"
+    meta = {"machine": platform.processor() or platform.machine(), "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d"), "budget": args.budget, "records": records}
+    out.write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"\nfull precision: {records[0]['fp_top1']:.2f} (first {args.eval_size} test images)\n")
+    print("| method | W/A | top-1 | vs full precision | budget | steps per unit | quantize time |")
+    print("|---|---|---|---|---|---|---|")
+    for r in records:
+        steps = r.get("iters_per_unit") or "-"
+        print(f"| {r['row']} | {r['w_bits']}/{r['a_bits']} | {r['q_top1']:.2f} | {r['q_top1'] - r['fp_top1']:+.2f} "
+              f"| {r.get('budget') or '-'} | {steps} | {r['quantize_seconds'] / 60:.1f} min |")
+
+
+if __name__ == "__main__":
+    main()
