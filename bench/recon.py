@@ -63,12 +63,12 @@ def main(argv=None):
             "date": time.strftime("%Y-%m-%d"), "budget": args.budget, "records": records}
     out.write_text(json.dumps(meta, indent=2) + "\n")
     print(f"\nfull precision: {records[0]['fp_top1']:.2f} (first {args.eval_size} test images)\n")
-    print("| method | W/A | top-1 | vs full precision | budget | steps per unit | quantize time |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method | W/A | top-1 | vs full precision | calibration images | budget | steps per unit | quantize time |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in records:
         steps = r.get("iters_per_unit") or "-"
         print(f"| {r['row']} | {r['w_bits']}/{r['a_bits']} | {r['q_top1']:.2f} | {r['q_top1'] - r['fp_top1']:+.2f} "
-              f"| {r.get('budget') or '-'} | {steps} | {r['quantize_seconds'] / 60:.1f} min |")
+              f"| {r['calib_size']} | {r.get('budget') or '-'} | {steps} | {r['quantize_seconds'] / 60:.1f} min |")
 
 
 if __name__ == "__main__":
