@@ -20,7 +20,7 @@ from tqdm import tqdm
 from .config import QuantConfig
 from .errors import FastquantError
 from .modules import Attention, QuantAttention, QuantConv2d, QuantLinear, QuantMatMul, QuantWindowAttention, WindowAttention
-from .quantizers import LogQuantizer, UniformQuantizer, range_to_qparams
+from .quantizers import LogQuantizer, UniformQuantizer, fake_quant_uniform, range_to_qparams
 
 CalibData = Union[torch.Tensor, Iterable]
 
@@ -288,7 +288,10 @@ def calibrate(model: nn.Module, batches: list, cfg: QuantConfig, ln_groups: dict
         if err > 1e-3:
             raise RuntimeError(f"reparameterisation changed the float model's output (relative error {err:.2e})")
     gptq = cfg.resolved("weight_rounding") == "gptq"
-    stats = _linear_input_stats(model, batches, covariance=gptq, progress=progress)
+    bias_correct = cfg.resolved("bias_correct")
+    # The input statistics feed the MSE weight search, GPTQ and bias correction; rtn needs none.
+    needs_stats = gptq or bias_correct or cfg.resolved("calib") == "mse"
+    stats = _linear_input_stats(model, batches, covariance=gptq, progress=progress) if needs_stats else {}
     for m in model.modules():
         if isinstance(m, QuantConv2d):
             m.weight_quant.calibrate_tensor(m.weight)
@@ -296,10 +299,10 @@ def calibrate(model: nn.Module, batches: list, cfg: QuantConfig, ln_groups: dict
             continue
         st = stats.get(m)
         m.weight_quant.calibrate_tensor(m.weight, None if st is None else st.mean_square().float().to(m.weight.device))
-        original = m.weight.detach().clone()
+        original = m.weight.detach().clone() if gptq else m.weight.detach()
         if gptq and st is not None:
             m.weight.copy_(gptq_round(m.weight, m.weight_quant, st.second_moment()))
-        if cfg.resolved("bias_correct") and st is not None and m.bias is not None:
+        if bias_correct and st is not None and m.bias is not None:
             m.weight_quant.mode = "quant"
             dev = m.weight.device
             shift = (m.weight_quant(m.weight).double() @ st.mean_quantized().to(dev)
@@ -375,7 +378,7 @@ def round_to_grid(w: torch.Tensor, quantizer: UniformQuantizer) -> torch.Tensor:
     shape = (-1,) + (1,) * (w.dim() - 1)
     scale = quantizer.scale.reshape(shape).to(w)
     zp = quantizer.zero_point.reshape(shape).to(w)
-    return (torch.clamp(torch.round(w / scale) + zp, 0, quantizer.qmax) - zp) * scale
+    return fake_quant_uniform(w, scale, zp, quantizer.qmax)
 
 
 @torch.no_grad()
@@ -410,7 +413,7 @@ def gptq_round(weight: torch.Tensor, quantizer: UniformQuantizer, second_moment:
         ub = u[b0:b1, b0:b1]
         for i in range(b1 - b0):
             col = wb[:, i : i + 1]
-            q = (torch.clamp(torch.round(col / scale) + zp, 0, quantizer.qmax) - zp) * scale
+            q = fake_quant_uniform(col, scale, zp, quantizer.qmax)
             out[:, b0 + i : b0 + i + 1] = q
             e = (col - q) / ub[i, i]
             wb[:, i:] -= e * ub[i : i + 1, i:]

@@ -120,13 +120,10 @@ def triton_quantize_per_token_int8(x, *, block_n: int | None = None):
     """
     import torch
 
+    from fastquant.ops.int8 import check_float_rows
+
     name = "triton_quantize_per_token_int8"
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")
-    if x.dim() == 0 or x.shape[-1] == 0:
-        raise ValueError(f"{name}: expected shape [..., N] with N > 0, got {tuple(x.shape)}")
+    check_float_rows(x, name)
     if block_n is not None and (block_n <= 0 or block_n & (block_n - 1)):
         raise ValueError(f"{name}: block_n must be a positive power of two, got {block_n}")
     if x.device.type != "cuda" and not _is_interpreted():

@@ -80,7 +80,8 @@ def _(x):
     return fn(x.contiguous())
 
 
-def _check(x, name: str) -> None:
+def check_float_rows(x, name: str) -> None:
+    """The input contract of the per-token kernels: a floating-point tensor [..., N], N > 0."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -96,5 +97,5 @@ def quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     Returns ``(q, scale)`` with q int8 of x's shape and scale float32 of shape
     x.shape[:-1]; every backend returns the same bits as the reference.
     """
-    _check(x, "quantize_per_token_int8")
+    check_float_rows(x, "quantize_per_token_int8")
     return torch.ops.fastquant.quantize_per_token_int8(x.contiguous())
