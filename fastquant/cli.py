@@ -15,10 +15,12 @@ from pathlib import Path
 
 from .errors import FastquantError
 
-# Reconstruction presets (--budget): calibration images, steps per unit, PFCR's last level (None: one unit).
+# Reconstruction presets (--budget): calibration images, steps per unit, PFCR's last level
+# (None: one unit), images of each batch that MGRQ's global term runs through the rest of
+# the model (None: all).
 BUDGETS = {
-    "cpu": dict(calib_size=256, iters=300, pfcr_stop_at=2),
-    "full": dict(calib_size=1024, iters=20000, pfcr_stop_at=None),
+    "cpu": dict(calib_size=256, iters=300, pfcr_stop_at=2, mgrq_global_batch=8),
+    "full": dict(calib_size=1024, iters=20000, pfcr_stop_at=None, mgrq_global_batch=None),
 }
 # Per-unit reconstruction results in the JSON output.
 RECORD_KEYS = ("level", "name", "loss_first", "loss_last", "mse_before", "mse_after", "seconds")
@@ -157,7 +159,8 @@ def cmd_quantize(args) -> dict:
     rcfg = None
     if reconstructs:
         rcfg = ReconConfig(method=cfg.method, iters=args.iters or preset["iters"], seed=args.seed,
-                           pos=False if args.no_pos else None, stop_at=preset["pfcr_stop_at"])
+                           pos=False if args.no_pos else None, stop_at=preset["pfcr_stop_at"],
+                           global_batch=preset["mgrq_global_batch"] if cfg.method == "mgrq" else None)
     _check_out_path(args.out, "--out")
     _check_out_path(args.json, "--json")
     _check_out_path(args.plot, "--plot")

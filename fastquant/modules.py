@@ -25,7 +25,15 @@ def _q(quantizer: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
 
 
 class QuantLinear(nn.Module):
-    """y = Qa(x) Qw(W)^T + b."""
+    """y = Qa(x) Qw(W)^T + b.
+
+    With ``grid_dtype`` set (reconstruction sets it while it trains), quantizers that
+    can give their output as an integer grid times a scale (``grid(x) -> (g, s)``, the
+    learnable wrappers of ``fastquant.recon``) have the product computed on the grids in
+    that dtype and the scales applied after it (``fastquant.ops.grid_linear``).
+    """
+
+    grid_dtype: Optional[torch.dtype] = None
 
     def __init__(self, linear: nn.Linear, weight_quant: nn.Module, input_quant: Optional[nn.Module]):
         super().__init__()
@@ -37,7 +45,23 @@ class QuantLinear(nn.Module):
         self.input_quant = input_quant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grid_dtype is not None:
+            y = self._grid_forward(x)
+            if y is not None:
+                return y
         return F.linear(_q(self.input_quant, x), self.weight_quant(self.weight), self.bias)
+
+    def _grid_forward(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        x_grid = getattr(self.input_quant, "grid", None)
+        w_grid = getattr(self.weight_quant, "grid", None)
+        if x_grid is None or w_grid is None:
+            return None
+        gx, gw = x_grid(x), w_grid(self.weight)
+        if gx is None or gw is None:
+            return None
+        from .ops.grid import grid_linear
+
+        return grid_linear(gx[0], gx[1], gw[0], gw[1], self.bias, self.grid_dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

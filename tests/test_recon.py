@@ -11,7 +11,9 @@ import fastquant
 from fastquant import recon
 from fastquant.evaluate import evaluate
 from fastquant.modules import QuantLinear
-from fastquant.recon.learnable import LearnableState, beta_at
+from fastquant.ops import grid_linear
+from fastquant.quantizers import fake_quant_uniform
+from fastquant.recon.learnable import LearnableState, LsqGrid, beta_at, keep_mask
 
 N_CALIB = 32
 # RepQ's calibration with round-to-nearest weights and no bias correction: the float
@@ -254,6 +256,7 @@ def test_resume_gives_the_uninterrupted_result(w4a4, tmp_path):
     (dict(qdrop_p=1.5), "qdrop_p"),
     (dict(beta=(2.0, 20.0)), "beta"),
     (dict(warmup=1.0), "warmup"),
+    (dict(matmul_dtype="float16"), "matmul_dtype"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(fastquant.FastquantError, match=match):
@@ -301,3 +304,99 @@ def test_resume_refuses_another_run_and_overwrites_nothing(w4a4, tmp_path):
     assert (path.read_bytes(), os.stat(path).st_mtime_ns) == before
     assert state_equal(q.state_dict(), q0.state_dict())
     assert not any(isinstance(m, (recon.AdaRoundWeight, recon.ActQuant)) for m in q.modules())
+
+
+# -- the integer-grid training path ----------------------------------------------------------
+@pytest.mark.parametrize("drop", [False, True])
+def test_lsq_grid_matches_autograd_of_the_plain_ops(drop):
+    """LsqGrid's hand-written backward equals autograd through fake_quant_uniform and torch.where."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(6, 50, generator=gen) * 3).requires_grad_()
+    s = torch.tensor(0.4, requires_grad=True)
+    z, qmax = torch.tensor(7.0), 15
+    keep = (torch.rand(6, 50, generator=gen) < 0.5).float() if drop else None
+    g = LsqGrid.apply(x, s, z, qmax, keep)
+    ref = fake_quant_uniform(x, s, z, qmax)
+    if drop:
+        ref = torch.where(keep.bool(), x, ref)
+    torch.testing.assert_close(g * s, ref, rtol=0, atol=1e-6)
+    w = torch.randn(6, 50, generator=gen)
+    gx, gs = torch.autograd.grad((g * s * w).sum(), (x, s))
+    rx, rs = torch.autograd.grad((ref * w).sum(), (x, s))
+    torch.testing.assert_close(gx, rx, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gs, rs, rtol=1e-5, atol=1e-6)
+    assert 0 < (gx == 0).float().mean() < 0.5  # some elements are clipped, most pass
+
+
+def test_keep_mask_rate_and_reproducibility():
+    x = torch.zeros(1000, 99)
+    a = keep_mask(x, 0.5, torch.Generator().manual_seed(3))
+    b = keep_mask(x, 0.5, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == x.shape and a.dtype == x.dtype
+    assert set(a.unique().tolist()) == {0.0, 1.0}
+    assert abs(a.mean().item() - 0.5) < 0.01
+    assert abs(keep_mask(x, 0.1, None).mean().item() - 0.1) < 0.01
+    assert keep_mask(x, 0.0, None).sum() == 0 and keep_mask(x, 1.0, None).min() == 1
+
+
+def test_grid_linear_is_the_fake_quant_product():
+    """On hard-rounded 4-bit operands, bf16 products and their sums are exact; only the
+    result is rounded to bf16 (relative error at most 2^-8), then scaled in fp32."""
+    gen = torch.Generator().manual_seed(1)
+    gx = torch.randint(-8, 8, (2, 65, 384), generator=gen).float()
+    gw = torch.randint(-8, 8, (96, 384), generator=gen).float()
+    sx, sw, b = torch.tensor(0.03), torch.rand(96, 1, generator=gen) + 0.5, torch.randn(96, generator=gen)
+    exact = (gx.double() @ gw.double().t()) * (sx.double() * sw.double().reshape(-1))
+    y32 = grid_linear(gx, sx, gw, sw, None, torch.float32)
+    y16 = grid_linear(gx, sx, gw, sw, None, torch.bfloat16)
+    assert (y32.double() - exact).abs().max() <= 1e-6 * exact.abs().max()
+    assert ((y16.double() - exact).abs() <= 2 ** -8 * exact.abs() + 1e-6).all()
+    one = torch.tensor(1.0)
+    sums = grid_linear(gx, one, gw, one, None, torch.bfloat16)
+    assert torch.equal(sums, (gx.double() @ gw.double().t()).float().bfloat16().float())
+    torch.testing.assert_close(grid_linear(gx, sx, gw, sw, b, torch.float32), y32 + b)
+
+
+def test_quant_linear_grid_path_follows_the_wrappers(w4a4):
+    """With grid_dtype set, a wrapped QuantLinear gives the fake-quant output (fp32 grids:
+    to rounding; bf16: within bf16's rounding of the result) for hard and soft rounding,
+    QDrop on or off, and falls back to the plain path when an operand is float."""
+    _, q, calib = w4a4
+    q = copy.deepcopy(q)
+    layer = q.blocks[0].mlp.fc2
+    state = LearnableState([q.blocks[0]])
+    act = layer.input_quant
+    x = torch.randn(4, 17, layer.in_features) * 2
+    for soft in (False, True):
+        state.weights[layer].soft = soft
+        ref = layer(x)
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+            layer.grid_dtype = dtype
+            out = layer(x)
+            torch.testing.assert_close(out, ref, rtol=tol, atol=tol * ref.abs().max().item())
+            layer.grid_dtype = None
+    act.float_act = True
+    layer.grid_dtype = torch.bfloat16
+    assert layer._grid_forward(x) is None
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, state.weights[layer](layer.weight), layer.bias))
+    act.float_act = False
+    act.drop_p, act.generator = 0.5, torch.Generator().manual_seed(0)
+    layer.grid_dtype = torch.float32
+    out = layer(x)
+    act.generator = torch.Generator().manual_seed(0)
+    layer.grid_dtype = None
+    torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-5 * out.abs().max().item())
+
+
+def test_bf16_and_fp32_training_reach_similar_losses(w4a4):
+    """The bf16 grid products change the trajectory only slightly (one block, QDrop)."""
+    model, q, calib = w4a4
+    finals = {}
+    for dt in ("float32", "bfloat16"):
+        qq = copy.deepcopy(q)
+        rec = recon.reconstruct(qq, [["block2"]], calib, fast(iters=40, matmul_dtype=dt), fp_model=model,
+                                progress=False)
+        u = rec.units[0]
+        assert u.mse_after < u.mse_before
+        finals[dt] = u.mse_after
+    assert abs(finals["bfloat16"] - finals["float32"]) < 0.1 * finals["float32"], finals

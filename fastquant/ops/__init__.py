@@ -6,6 +6,7 @@ extension) and ``kernels/`` (Triton). For CUDA tensors an op uses the extension 
 is built, else Triton, else the reference; ``fastquant.backends`` says which are
 available and why not.
 """
+from .grid import grid_linear
 from .int8 import quantize_per_token_int8, torch_quantize_per_token_int8
 
-__all__ = ["quantize_per_token_int8", "torch_quantize_per_token_int8"]
+__all__ = ["grid_linear", "quantize_per_token_int8", "torch_quantize_per_token_int8"]

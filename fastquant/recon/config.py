@@ -12,6 +12,8 @@ import json
 import math
 from dataclasses import dataclass
 
+import torch
+
 from ..errors import FastquantError
 
 RECON_METHODS = ("brecq", "qdrop", "pfcr", "mgrq")
@@ -19,6 +21,8 @@ SCHEDULES = ("block", "pfcr")
 GLOBAL_RESTS = ("quant", "float")
 LOCAL_LOSSES = ("moments", "mse")
 POS_MODES = ("weights_first", "acts_first")
+MATMUL_DTYPES = ("auto", "float32", "bfloat16")
+GRID_MAX_BITS = 4  # widest weight and activation codes that take the bf16 grid product
 
 # What each method changes from the shared defaults.
 METHOD_DEFAULTS = {
@@ -74,6 +78,19 @@ class ReconConfig:
       the per-channel mean and standard deviation of the layer's output with the float
       layer's on the float input (normalised by the float variance), ``mse`` compares
       the outputs element-wise.
+    - ``matmul_dtype``: the dtype of the training steps' linear-layer products, taken on
+      the integer grids with the scales applied in fp32 (``fastquant.ops.grid_linear``):
+      ``bfloat16`` (exact products for hard-rounded operands, the result rounded to 8
+      significant bits), ``float32`` (the plain fake-quant path), or ``auto``: bfloat16
+      on a CPU with native bf16 matmuls (AVX-512 BF16 or AMX) and on a CUDA GPU that
+      supports it, else float32. It applies to layers whose weights and inputs both have
+      at most ``GRID_MAX_BITS`` (4) bits and a per-tensor input step (wider codes lose
+      AdaRound's soft rounding and QDrop's float values to bf16's 8 significant bits);
+      the others, the attention matmuls, the captured targets, the hard-rounded passes and
+      evaluation run in fp32. Measured on dinov2-s14-fmnist, one block's training step
+      (batch 32, 65 tokens, W4A4, QDrop p=0.5) on 2 CPU threads: 0.287 s before this
+      path and the cheaper QDrop mask (``keep_mask``, ``LsqGrid``) existed, 0.235 s with
+      the mask in fp32, 0.167 s with bf16 grids (without QDrop: 0.210 s and 0.147 s).
     - ``max_device_bytes``: captured inputs and targets stay on the model's device when
       they take at most this much (None: half the free accelerator memory; on the CPU
       always), else in host memory, moved one batch at a time.
@@ -102,6 +119,7 @@ class ReconConfig:
     global_batch: int | None = None
     local_loss: str = "moments"
     seed: int = 0
+    matmul_dtype: str = "auto"
     capture_batch_size: int = 64
     max_device_bytes: int | None = None
 
@@ -157,6 +175,8 @@ class ReconConfig:
             raise FastquantError(f"global_rest must be one of {', '.join(GLOBAL_RESTS)}, got {self.global_rest!r}")
         if self.local_loss not in LOCAL_LOSSES:
             raise FastquantError(f"local_loss must be one of {', '.join(LOCAL_LOSSES)}, got {self.local_loss!r}")
+        if self.matmul_dtype not in MATMUL_DTYPES:
+            raise FastquantError(f"matmul_dtype must be one of {', '.join(MATMUL_DTYPES)}, got {self.matmul_dtype!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise FastquantError(f"seed must be an integer, got {self.seed!r}")
         mdb = self.max_device_bytes
@@ -183,6 +203,20 @@ class ReconConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def grid_dtype(matmul_dtype: str, device: torch.device) -> torch.dtype | None:
+    """The dtype of the grid products for ``ReconConfig.matmul_dtype`` on ``device``
+    (None: the plain fp32 fake-quant path)."""
+    if matmul_dtype == "float32":
+        return None
+    if matmul_dtype == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    return None
 
 
 def auto_lr_round(iters: int) -> float:

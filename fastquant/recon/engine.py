@@ -49,7 +49,7 @@ from ..errors import FastquantError
 from ..modules import QuantLinear
 from ..ptq import quantizers_of, set_mode
 from .checkpoint import Checkpoint, fingerprint
-from .config import ReconConfig
+from .config import GRID_MAX_BITS, ReconConfig, grid_dtype
 from .learnable import AdaRoundWeight, LearnableState, beta_at
 from .units import (Unit, block_units, embed, find_vit, half_modules, normalize_schedule, pfcr_levels, rest_modules,
                     run_rest, run_span, unit_modules)
@@ -134,6 +134,14 @@ def schedule_for(model: nn.Module, cfg: ReconConfig) -> list[list[Unit]]:
     return [block_units(model)]
 
 
+def _grid_bits_ok(layer: QuantLinear) -> bool:
+    """Whether a layer's operands are narrow enough for the bf16 grid product: at most
+    ``GRID_MAX_BITS`` bits each, so soft-rounded weight codes keep their rounding variable
+    to 2^-5 and QDrop's float elements ``x / s`` (below 2^bits in magnitude) to 2^-4."""
+    bits = [getattr(getattr(q, "quantizer", None), "bits", None) for q in (layer.weight_quant, layer.input_quant)]
+    return all(b is not None and b <= GRID_MAX_BITS for b in bits)
+
+
 class _Stream:
     """Tokens at one position of the residual stream for all calibration images, from the
     quantized model (``q``) and the float model (``fp``), on the storage device."""
@@ -159,6 +167,15 @@ class _Engine:
             for u in level:
                 all_mods += [m for m in unit_modules(model, u) if all(m is not s for s in all_mods)]
         self.state = LearnableState(all_mods)
+        self.grid_dtype = grid_dtype(cfg.matmul_dtype, self.device)
+        self.grid_linears = [m for m in find_vit(model).blocks.modules()
+                             if isinstance(m, QuantLinear) and _grid_bits_ok(m)]
+
+    def set_grid(self, on: bool):
+        """Training steps compute the blocks' linear layers on integer grids (see
+        ``ReconConfig.matmul_dtype``); everything else in fp32."""
+        for m in self.grid_linears:
+            m.grid_dtype = self.grid_dtype if on else None
 
     @torch.no_grad()
     def check_float_weights(self):
@@ -262,6 +279,7 @@ class _Engine:
         n, bs = len(s.q), min(cfg.batch_size, len(s.q))
         history, norms, reg_last = [], {}, 0.0
         bar = tqdm(range(cfg.iters), desc=label, unit="it", disable=not self.progress, leave=False)
+        self.set_grid(True)
         try:
             for it in bar:
                 stage = 0 if it < split else 1
@@ -307,6 +325,7 @@ class _Engine:
                     bar.set_postfix_str(f"loss {history[-1]:.4g}", refresh=False)
         finally:
             bar.close()
+            self.set_grid(False)
             if local is not None:
                 local.remove()
             for p in alphas + scales:
