@@ -1,0 +1,187 @@
+"""Deployment: quantized models whose linear layers run real integer GEMMs.
+
+``convert(qmodel)`` replaces every :class:`~fastquant.modules.QuantLinear` of a
+calibrated (or reconstructed) fake-quant model by an :class:`Int8Linear` that holds its
+weight as integer codes and computes ``y = x~ W~^T + b`` with an int8 x int8 -> int32
+matrix product (``torch._int_mm``: VNNI on x86 CPUs) and a float epilogue, instead of
+float math on dequantized values. The algebra, for activation codes ``q_x`` (scale
+``s_x``, zero point ``z_x``) and weight codes ``q_w`` (per output channel ``s_w``,
+``z_w``), with offsets ``o = 2^(bits-1)`` that move both into int8 (``a = q_x - o_x``,
+``b = q_w - o_w``):
+
+    sum_k (q_x - z_x)(q_w - z_w) = sum_k a b  +  c_w sum_k a  +  c_x (sum_k b + K c_w),
+    c_x = o_x - z_x,  c_w = o_w - z_w,
+
+so ``y = s_x s_w [acc + c_w A + c_x B'] + b`` with ``acc`` the int32 product, ``A`` the
+row sums of ``a`` and ``B' = sum_k b + K c_w`` fixed at conversion. For a calibrated
+(per-tensor) input step everything but ``acc`` and ``A`` is folded into two per-channel
+vectors; per-token (dynamic) inputs compute ``s_x``, ``z_x`` per row at run time.
+
+Layers the integer path cannot express (a per-channel input step, weights or inputs
+wider than 8 bits, a non-uniform quantizer) keep their fake-quant module; ``convert``
+reports them. Attention matmuls, the patch embedding and the normalisations stay as in
+the fake-quant model (float math), so the converted model's outputs equal the fake-quant
+model's up to float rounding (the integer sums are exact; tests bound the difference).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .errors import FastquantError
+from .modules import QuantLinear
+from .quantizers import UniformQuantizer, range_to_qparams
+
+BACKENDS = ("auto", "cpu", "triton", "cuda")
+
+
+def _offset(bits: int) -> int:
+    return 1 << (bits - 1)
+
+
+def _weight_quantizer(layer: QuantLinear) -> UniformQuantizer:
+    wq = layer.weight_quant
+    wq = getattr(wq, "quantizer", wq)  # a reconstruction wrapper left installed
+    return wq
+
+
+def why_not_int8(layer: QuantLinear) -> str:
+    """Why ``layer`` cannot run as an Int8Linear ('' if it can)."""
+    wq, iq = _weight_quantizer(layer), layer.input_quant
+    if not isinstance(wq, UniformQuantizer) or wq.per_token:
+        return "its weight quantizer is not a per-channel uniform quantizer"
+    if wq.mode != "quant":
+        return "its weight quantizer is not calibrated"
+    if not isinstance(iq, UniformQuantizer):
+        return "its input is not uniformly quantized"
+    if iq.mode != "quant":
+        return "its input quantizer is not calibrated"
+    if not iq.per_token and iq.scale.numel() != 1:
+        return "its input has one step per channel (the integer product needs one per tensor or per token)"
+    if wq.bits > 8 or iq.bits > 8:
+        return "it has more than 8 bits"
+    return ""
+
+
+class Int8Linear(nn.Module):
+    """A linear layer on integer codes: int8 x int8 -> int32, then a float epilogue.
+
+    Buffers: ``weight_t`` [K, N] int8 (``q_w - o_w``, transposed for the product),
+    ``w_bits`` codes' width, ``w_scale`` and ``w_corr`` (``c_w``) [N], ``b_sum``
+    (``B'``) [N]; for a calibrated input step ``col_scale = s_x s_w`` and ``col_add =
+    c_x B' + bias / (s_x s_w)`` [N]; for a per-token input the bias and ``s_x``/``z_x``
+    per row.
+    """
+
+    def __init__(self, in_features: int, out_features: int, w_bits: int, a_bits: int, per_token: bool,
+                 has_bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.w_bits, self.a_bits, self.per_token = w_bits, a_bits, per_token
+        self.register_buffer("weight_t", torch.zeros(in_features, out_features, dtype=torch.int8))
+        self.register_buffer("w_scale", torch.ones(out_features))
+        self.register_buffer("w_corr", torch.zeros(out_features))
+        self.register_buffer("b_sum", torch.zeros(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if has_bias else None)
+        self.register_buffer("x_scale", torch.ones(()))
+        self.register_buffer("x_zero", torch.zeros(()))
+        self.register_buffer("col_scale", torch.ones(out_features))
+        self.register_buffer("col_add", torch.zeros(out_features))
+
+    def extra_repr(self) -> str:
+        inp = "per-token" if self.per_token else "per-tensor"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, W{self.w_bits}A{self.a_bits}, "
+                f"{inp} input, bias={self.bias is not None}")
+
+    @classmethod
+    @torch.no_grad()
+    def from_quant_linear(cls, layer: QuantLinear) -> "Int8Linear":
+        reason = why_not_int8(layer)
+        if reason:
+            raise FastquantError(f"this layer cannot run on integers: {reason}")
+        wq, iq = _weight_quantizer(layer), layer.input_quant
+        new = cls(layer.in_features, layer.out_features, wq.bits, iq.bits, iq.per_token, layer.bias is not None)
+        codes = wq.quantize(layer.weight.detach()).float()  # [N, K] in 0 .. 2^bits - 1
+        b = codes - _offset(wq.bits)
+        s_w = wq.scale.reshape(-1).float().expand(layer.out_features).clone()
+        c_w = _offset(wq.bits) - wq.zero_point.reshape(-1).float().expand(layer.out_features)
+        new.weight_t.copy_(b.t().to(torch.int8))
+        new.w_scale.copy_(s_w)
+        new.w_corr.copy_(c_w)
+        new.b_sum.copy_(b.sum(1) + layer.in_features * c_w)
+        if layer.bias is not None:
+            new.bias.copy_(layer.bias.detach().float())
+        if not iq.per_token:
+            s_x, z_x = iq.scale.reshape(()).float(), iq.zero_point.reshape(()).float()
+            new.x_scale.copy_(s_x)
+            new.x_zero.copy_(z_x)
+            new.col_scale.copy_(s_x * s_w)
+            add = (_offset(iq.bits) - z_x) * new.b_sum
+            if layer.bias is not None:
+                add = add + layer.bias.detach().float() / (s_x * s_w)
+            new.col_add.copy_(add)
+        return new.to(layer.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).float()
+        qmax, o = (1 << self.a_bits) - 1, _offset(self.a_bits)
+        if self.per_token:
+            s_x, z_x = range_to_qparams(x2.amin(1, keepdim=True), x2.amax(1, keepdim=True), qmax)
+            a = torch.clamp(torch.round(x2 / s_x) + z_x, 0, qmax) - o
+        else:
+            a = torch.round(x2 / self.x_scale).add_(self.x_zero).clamp_(0, qmax).sub_(o)
+        a8 = a.to(torch.int8)
+        acc = torch._int_mm(a8, self.weight_t).float()
+        row = a.sum(1)  # exact: integers, fewer than 2^24 in magnitude
+        acc.addr_(row, self.w_corr)
+        if self.per_token:
+            acc.add_((o - z_x) * self.b_sum).mul_(s_x * self.w_scale)
+            if self.bias is not None:
+                acc.add_(self.bias)
+        else:
+            acc.add_(self.col_add).mul_(self.col_scale)
+        return acc.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+def convert(qmodel: nn.Module, backend: str = "auto", *, inplace: bool = False) -> nn.Module:
+    """A deployable copy of ``qmodel`` (from ``fastquant.quantize`` or ``fastquant.load``)
+    whose quantized linear layers run on integers (see the module docstring).
+
+    ``backend``: ``cpu`` (``torch._int_mm``, VNNI on x86), or ``auto`` (the CPU backend for
+    a model on the CPU). The GPU backends (``triton``, ``cuda``) are not implemented yet and
+    are refused. The result records ``fastquant_deploy`` = {backend, converted layer
+    names, the others with the reason}.
+    """
+    if backend not in BACKENDS:
+        raise FastquantError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    if getattr(qmodel, "fastquant_config", None) is None:
+        raise FastquantError("convert() needs a model returned by fastquant.quantize or fastquant.load")
+    param = next(qmodel.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    if backend == "auto":
+        backend = "cpu" if device.type == "cpu" else "cuda"
+    if backend in ("triton", "cuda"):
+        raise FastquantError(f"the {backend} deployment backend is not implemented yet (use backend='cpu' on a CPU model)")
+    if device.type != "cpu":
+        raise FastquantError(f"backend 'cpu' needs the model on the CPU, it is on {device}")
+    model = qmodel if inplace else copy.deepcopy(qmodel)
+    converted, kept = [], {}
+    for name, layer in list(model.named_modules()):
+        if not isinstance(layer, QuantLinear):
+            continue
+        reason = why_not_int8(layer)
+        if reason:
+            kept[name] = reason
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, Int8Linear.from_quant_linear(layer))
+        converted.append(name)
+    if not converted:
+        raise FastquantError("no layer of this model can run on integers: "
+                             + "; ".join(f"{n}: {r}" for n, r in list(kept.items())[:3]))
+    model.fastquant_deploy = {"backend": backend, "converted": converted, "kept": kept}
+    return model.eval()

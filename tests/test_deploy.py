@@ -1,0 +1,92 @@
+"""Deployment: integer linear layers against the fake-quant layers they replace."""
+import pytest
+import torch
+from torch import nn
+
+import fastquant
+from fastquant.deploy import Int8Linear, convert, why_not_int8
+from fastquant.evaluate import evaluate
+from fastquant.modules import QuantLinear
+from fastquant.quantizers import UniformQuantizer
+
+
+def _layer(w_bits: int, a_bits: int, per_token: bool, bias: bool, seed: int = 0) -> QuantLinear:
+    gen = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(96, 40, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(40, 96, generator=gen) * 0.1 + 0.02)
+        if bias:
+            lin.bias.copy_(torch.randn(40, generator=gen))
+    wq = UniformQuantizer(w_bits, (40, 1))
+    wq.calibrate_tensor(lin.weight.detach())
+    iq = UniformQuantizer(a_bits, (), per_token=per_token)
+    if not per_token:
+        iq.set_qparams(torch.tensor(0.05), torch.tensor(float((1 << a_bits) // 3)))  # asymmetric range
+    iq.mode = "quant"
+    return QuantLinear(lin, wq, iq)
+
+
+@pytest.mark.parametrize("w_bits,a_bits", [(8, 8), (4, 8), (3, 3), (6, 4)])
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_linear_equals_the_fake_quant_layer(w_bits, a_bits, per_token, bias):
+    """Same codes, exact integer sums: only float rounding of the epilogue differs."""
+    layer = _layer(w_bits, a_bits, per_token, bias)
+    dep = Int8Linear.from_quant_linear(layer)
+    x = torch.randn(3, 37, 96) * 2 + 0.3  # some values clipped at both ends
+    with torch.no_grad():
+        ref, out = layer(x), dep(x)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert dep.weight_t.dtype == torch.int8
+
+
+def test_int8_linear_refuses_what_it_cannot_express():
+    layer = _layer(8, 8, False, True)
+    layer.input_quant = UniformQuantizer(8, (96,))
+    layer.input_quant.mode = "quant"
+    assert "per channel" in why_not_int8(layer)
+    with pytest.raises(fastquant.FastquantError, match="per channel"):
+        Int8Linear.from_quant_linear(layer)
+    layer.input_quant = None
+    assert "not uniformly quantized" in why_not_int8(layer)
+
+
+@pytest.fixture(scope="module")
+def tiny_w8a8(tiny, tiny_data):
+    model, _, _ = tiny
+    calib, _ = tiny_data
+    return fastquant.quantize(model, calib[:32], fastquant.QuantConfig(method="repq", w_bits=8, a_bits=8),
+                              progress=False)
+
+
+def test_convert_runs_every_linear_on_integers_and_keeps_accuracy(tiny_w8a8, tiny_data):
+    q = tiny_w8a8
+    _, test = tiny_data
+    dep = convert(q)
+    n_linear = sum(isinstance(m, QuantLinear) for m in q.modules())
+    assert len(dep.fastquant_deploy["converted"]) == n_linear and not dep.fastquant_deploy["kept"]
+    assert not any(isinstance(m, QuantLinear) for m in dep.modules())
+    assert any(isinstance(m, QuantLinear) for m in q.modules())  # the original is untouched
+    images = torch.stack([test[i][0] for i in range(200)])
+    with torch.no_grad():
+        ref, out = q(images), dep(images)
+    # Float rounding can move an activation across a rounding boundary deep in the model,
+    # so compare predictions and the typical logit difference rather than every element.
+    assert (ref.argmax(1) == out.argmax(1)).float().mean() >= 0.98
+    assert (out - ref).abs().median() <= 0.01 * ref.abs().max()
+    acc_q = evaluate(q, test, 500, 100, progress=False)
+    acc_d = evaluate(dep, test, 500, 100, progress=False)
+    assert abs(acc_q - acc_d) <= 1.0
+
+
+@pytest.mark.parametrize("backend,match", [("gpu", "unknown backend"), ("triton", "not implemented"),
+                                           ("cuda", "not implemented")])
+def test_convert_bad_backend(tiny_w8a8, backend, match):
+    with pytest.raises(fastquant.FastquantError, match=match):
+        convert(tiny_w8a8, backend=backend)
+
+
+def test_convert_needs_a_quantized_model(tiny):
+    with pytest.raises(fastquant.FastquantError, match="fastquant.quantize"):
+        convert(tiny[0])
