@@ -6,7 +6,9 @@ dinov2-s14-fmnist at a given budget.
 
 Runs `fastquant quantize` once per (method, setting) with --json (`pfcr-nopos` is
 `--method pfcr --no-pos`), keeps each run's JSON in bench/results/runs/ and reuses it on a
-rerun (delete it to measure again), then writes bench/results/recon_<model>_<budget>.json
+rerun (delete it to measure again; `--table-only` runs nothing); a reconstruction
+stopped part-way resumes from its state in bench/results/state/ (the quantize time then
+counts only the resumed part: the JSON's `recon_resumed_from` says so). Then it writes bench/results/recon_<model>_<budget>.json
 and prints a Markdown table with each row's budget, steps per unit and wall time.
 """
 from __future__ import annotations
@@ -21,9 +23,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RECON = ("brecq", "qdrop", "pfcr", "pfcr-nopos", "mgrq")
+STATE = ROOT / "bench" / "results" / "state"  # reconstruction states of unfinished runs (not committed)
 
 
-def command(model, method, w, a, budget, eval_size, js):
+def command(model, method, w, a, budget, eval_size, js, state=None):
     base = "pfcr" if method == "pfcr-nopos" else method
     cmd = [sys.executable, "-m", "fastquant.cli", "quantize", "--model", model, "--data", "fmnist",
            "--method", base, "--w-bits", str(w), "--a-bits", str(a), "--eval-size", str(eval_size)]
@@ -31,6 +34,8 @@ def command(model, method, w, a, budget, eval_size, js):
         cmd += ["--budget", budget]
     if method == "pfcr-nopos":
         cmd += ["--no-pos"]
+    if state is not None:
+        cmd += ["--state-dir", str(state)] + (["--resume"] if (state / "recon_state.pt").is_file() else [])
     return cmd + ["--json", str(js)]
 
 
@@ -41,6 +46,8 @@ def main(argv=None):
     p.add_argument("--budget", default="cpu", choices=("cpu", "full"))
     p.add_argument("--eval-size", type=int, default=2000)
     p.add_argument("--methods", default="rtn,repq,brecq,qdrop,pfcr,pfcr-nopos,mgrq")
+    p.add_argument("--table-only", action="store_true",
+                   help="run nothing: make the table from the finished runs, listing the missing ones")
     args = p.parse_args(argv)
     runs = ROOT / "bench" / "results" / "runs"
     runs.mkdir(parents=True, exist_ok=True)
@@ -50,14 +57,20 @@ def main(argv=None):
         for method in args.methods.split(","):
             tag = f"{args.budget}_" if method in RECON else ""
             js = runs / f"{args.model}_{method}_{tag}w{w}a{a}.json"
-            cmd = command(args.model, method, w, a, args.budget, args.eval_size, js)
-            shown = " ".join(["fastquant"] + cmd[3:-2])
+            state = STATE / js.stem if method in RECON else None  # a stopped run continues from here
+            cmd = command(args.model, method, w, a, args.budget, args.eval_size, js, state)
+            shown = " ".join(["fastquant"] + command(args.model, method, w, a, args.budget, args.eval_size, js)[3:-2])
             if not js.is_file():
+                if args.table_only:
+                    print(f"missing (not run yet): {shown}")
+                    continue
                 print("$", shown, flush=True)
                 subprocess.run(cmd, check=True)
             rec = json.loads(js.read_text())
             rec["row"], rec["command"] = method, shown
             records.append(rec)
+    if not records:
+        sys.exit("no finished runs to tabulate")
     out = ROOT / "bench" / "results" / f"recon_{args.model}_{args.budget}.json"
     meta = {"machine": platform.processor() or platform.machine(), "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d"), "budget": args.budget, "records": records}
@@ -68,7 +81,9 @@ def main(argv=None):
     for r in records:
         steps = r.get("iters_per_unit") or "-"
         print(f"| {r['row']} | {r['w_bits']}/{r['a_bits']} | {r['q_top1']:.2f} | {r['q_top1'] - r['fp_top1']:+.2f} "
-              f"| {r['calib_size']} | {r.get('budget') or '-'} | {steps} | {r['quantize_seconds'] / 60:.1f} min |")
+              f"| {r['calib_size']} | {r.get('budget') or '-'} | {steps} | {r['quantize_seconds'] / 60:.1f} min"
+              + (f" (resumed after unit {r['recon_resumed_from']}: later units only)" if r.get("recon_resumed_from") else "")
+              + " |")
 
 
 if __name__ == "__main__":

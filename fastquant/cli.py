@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=_int, default=0, help="seed for drawing calibration images (default: %(default)s)")
     q.add_argument("--out", type=Path, help="save the quantized model (safetensors, integer weights)")
     q.add_argument("--per-token", action="store_true", help="dynamic per-token activation scales")
+    q.add_argument("--deploy", choices=("cpu", "cuda", "triton"),
+                   help="also convert to integer layers with this backend (cpu: int8 GEMMs), evaluate the "
+                        "deployed model and save it with --out (cuda and triton: not implemented yet)")
     r = q.add_argument_group("reconstruction (brecq, qdrop, pfcr, mgrq)")
     r.add_argument("--budget", choices=tuple(BUDGETS),
                    help="preset: cpu (256 images, 300 steps per unit, PFCR up to pairs of blocks) or full (1,024 "
@@ -146,6 +149,9 @@ def cmd_quantize(args) -> dict:
         raise FastquantError(f"{', '.join(given)}: only for the reconstruction methods ({', '.join(RECON_METHODS)})")
     if args.no_pos and cfg.method != "pfcr":
         raise FastquantError("--no-pos applies to pfcr only")
+    if args.deploy in ("cuda", "triton"):
+        raise FastquantError(f"--deploy {args.deploy}: the {args.deploy} deployment backend is not implemented yet "
+                             "(use --deploy cpu)")
     if args.resume and args.state_dir is None:
         raise FastquantError("--resume needs --state-dir (the folder of the run to continue)")
     if args.state_dir is not None and args.state_dir.exists() and not args.state_dir.is_dir():
@@ -180,6 +186,13 @@ def cmd_quantize(args) -> dict:
     if args.plot:
         plot_losses(record, args.plot)
     q = evaluate(qmodel, test, eval_size, args.batch_size, desc=f"eval W{cfg.w_bits}A{cfg.a_bits}")
+    deployed = None
+    if args.deploy:
+        from .deploy import convert
+
+        dmodel = convert(qmodel, args.deploy)
+        deployed = evaluate(dmodel, test, eval_size, args.batch_size, desc=f"eval deployed ({args.deploy})")
+        qmodel = dmodel
     if args.out:
         save(qmodel, args.out)
     result = {
@@ -193,6 +206,8 @@ def cmd_quantize(args) -> dict:
         "recon_config": rcfg.to_dict() if rcfg else None,
         "recon_units": [{k: getattr(u, k) for k in RECORD_KEYS} for u in record.units] if record else None,
         "recon_resumed_from": record.resumed_from if record else None,
+        "deploy": args.deploy, "deployed_top1": round(deployed, 2) if deployed is not None else None,
+        "deployed_layers": len(qmodel.fastquant_deploy["converted"]) if deployed is not None else None,
     }
     print(_table([
         ("model", f"{spec.name} ({spec.img_size} px) on {args.data}"),
@@ -203,7 +218,9 @@ def cmd_quantize(args) -> dict:
         ("fp32 top-1", f"{fp:.2f}"),
         ("quantized top-1", f"{q:.2f} ({q - fp:+.2f})"),
         ("time", f"{result['seconds']:.0f} s (quantize {t_quant:.0f} s)"),
-    ] + ([("saved", str(args.out))] if args.out else [])))
+    ] + ([("deployed top-1", f"{deployed:.2f} ({args.deploy}: {result['deployed_layers']} integer layers)")]
+         if deployed is not None else [])
+      + ([("saved", str(args.out))] if args.out else [])))
     return result
 
 

@@ -124,6 +124,22 @@ class Int8Linear(nn.Module):
             new.col_add.copy_(add)
         return new.to(layer.weight.device)
 
+    @torch.no_grad()
+    def quant_state(self) -> dict:
+        """The fake-quant layer's state this layer was made from, under QuantLinear's
+        state-dict names (``weight_int``: the weight codes): what ``fastquant.save`` stores."""
+        o_w = _offset(self.w_bits)
+        state = {
+            "weight_int": (self.weight_t.t().float() + o_w).to(torch.uint8),
+            "weight_quant.scale": self.w_scale.reshape(-1, 1).clone(),
+            "weight_quant.zero_point": (o_w - self.w_corr).reshape(-1, 1),
+            "input_quant.scale": self.x_scale.clone(),
+            "input_quant.zero_point": self.x_zero.clone(),
+        }
+        if self.bias is not None:
+            state["bias"] = self.bias.clone()
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()

@@ -36,7 +36,10 @@ def check_bits(bits: int, what: str = "bits") -> int:
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round to nearest (half to even); the gradient passes straight through."""
+    """Round to nearest (half to even); the gradient passes straight through.
+    Without autograd it is plain rounding (the same values: ``round(x) - x`` is exact)."""
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return torch.round(x)
     return (torch.round(x) - x).detach() + x
 
 

@@ -1,10 +1,16 @@
 """Saving and loading quantized models as safetensors with integer weights.
 
-The file holds every quantized layer's weight as integer codes (``<layer>.weight_int``,
-uint8 in 0 .. 2**bits - 1) beside its per-channel scale and zero point, all other
-parameters and quantizer state in float, and in its metadata the QuantConfig and the
-ModelSpec needed to rebuild the architecture. Loading rebuilds the model, dequantizes
-the codes and gives logits equal to the saved model's.
+The file holds every quantized layer's weight as integer codes beside its per-channel
+scale and zero point: ``<layer>.weight_int`` (uint8 in 0 .. 2**bits - 1, one code per
+byte) or, for codes of at most 4 bits, ``<layer>.weight_int4`` (two codes per byte, the
+even column in the low nibble; ``<layer>.weight_cols`` the column count). All other
+parameters and quantizer state are stored in float, and the metadata holds the
+QuantConfig and the ModelSpec needed to rebuild the architecture. Loading rebuilds the
+model, dequantizes the codes and gives logits equal to the saved model's.
+
+A deployed model (``fastquant.convert``) is saved the same way, its integer layers as the
+codes and quantizer state they were made from, with the backend in the metadata;
+loading converts it again, giving the same integer layers.
 """
 from __future__ import annotations
 
@@ -26,6 +32,39 @@ def _quant_layers(model: nn.Module):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))]
 
 
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """[N, K] codes in 0..15 -> [N, ceil(K/2)] uint8, column 2j in the low nibble of byte j."""
+    c = codes.to(torch.uint8)
+    if c.shape[-1] % 2:
+        c = torch.cat([c, torch.zeros_like(c[..., :1])], -1)
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """The inverse of :func:`pack_int4`: [N, ceil(K/2)] uint8 -> [N, K] codes (uint8)."""
+    out = torch.stack([packed & 0xF, packed >> 4], -1).reshape(*packed.shape[:-1], -1)
+    return out[..., :cols]
+
+
+def _put_codes(sd: dict, name: str, codes: torch.Tensor, bits: int):
+    codes = codes.cpu().to(torch.uint8).contiguous()
+    if bits <= 4 and codes.dim() == 2:
+        sd[f"{name}.weight_int4"] = pack_int4(codes).contiguous()
+        sd[f"{name}.weight_cols"] = torch.tensor([codes.shape[1]], dtype=torch.int64)
+    else:
+        sd[f"{name}.weight_int"] = codes
+
+
+def _take_codes(sd: dict, name: str) -> torch.Tensor | None:
+    packed = sd.pop(f"{name}.weight_int4", None)
+    if packed is None:
+        return sd.pop(f"{name}.weight_int", None)
+    cols = sd.pop(f"{name}.weight_cols", None)
+    if cols is None or cols.numel() != 1:
+        return None
+    return unpack_int4(packed, int(cols.item()))
+
+
 def save(qmodel: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``qmodel`` (from ``fastquant.quantize`` on a model from ``fastquant.models``)."""
     from safetensors.torch import save_file
@@ -36,11 +75,23 @@ def save(qmodel: nn.Module, path: str | os.PathLike) -> Path:
         raise FastquantError("save() needs a model returned by fastquant.quantize")
     if spec is None:
         raise FastquantError("save() needs to know the architecture: build the model with fastquant.models.load_model")
+    from .deploy import Int8Linear
+
     sd = {k: v.detach().cpu().contiguous() for k, v in qmodel.state_dict().items()}
     for name, m in _quant_layers(qmodel):
         del sd[f"{name}.weight"]
-        sd[f"{name}.weight_int"] = m.weight_quant.quantize(m.weight.detach()).cpu().contiguous()
+        _put_codes(sd, name, m.weight_quant.quantize(m.weight.detach()), m.weight_quant.bits)
+    for name, m in qmodel.named_modules():
+        if isinstance(m, Int8Linear):
+            for key in [k for k in sd if k.startswith(name + ".")]:
+                del sd[key]
+            state = m.quant_state()
+            _put_codes(sd, name, state.pop("weight_int"), m.w_bits)
+            sd.update({f"{name}.{k}": v.detach().cpu().contiguous() for k, v in state.items()})
     meta = {"format": FORMAT, "config": cfg.to_json(), "model": spec.to_json()}
+    deploy = getattr(qmodel, "fastquant_deploy", None)
+    if deploy is not None:
+        meta["deploy"] = deploy["backend"]
     path = Path(path)
     if path.parent and not path.parent.is_dir():
         raise FastquantError(f"output folder {path.parent} does not exist")
@@ -90,7 +141,7 @@ def load(path: str | os.PathLike) -> nn.Module:
     swap_modules(model, cfg, _Plan(head=classifier_of(model), patch_convs=_find_patch_convs(model), ln_groups={}))
     with torch.no_grad():
         for name, m in _quant_layers(model):
-            codes = sd.pop(f"{name}.weight_int", None)
+            codes = _take_codes(sd, name)
             if codes is None:
                 raise FastquantError(f"{path} is missing the integer weight of {name}")
             scale = sd.get(f"{name}.weight_quant.scale")
@@ -107,4 +158,8 @@ def load(path: str | os.PathLike) -> nn.Module:
     set_mode(quantizers_of(model), "quant")
     model.fastquant_config = cfg
     model.fastquant_spec = spec
+    if "deploy" in meta:
+        from .deploy import convert
+
+        model = convert(model, meta["deploy"], inplace=True)
     return model.eval()

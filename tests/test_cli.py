@@ -34,6 +34,21 @@ def test_quantize_writes_json_and_model(capsys, tmp_path):
     assert json.loads((tmp_path / "e.json").read_text())["top1"] == r["q_top1"]
 
 
+def test_quantize_deploy_cpu_reports_and_saves_the_integer_model(capsys, tmp_path):
+    out_json, out_model = tmp_path / "r.json", tmp_path / "d.safetensors"
+    code, out, err = run(capsys, "quantize", *TINY, "--method", "rtn", "--w-bits", "8", "--a-bits", "8",
+                         "--deploy", "cpu", "--json", str(out_json), "--out", str(out_model))
+    assert code == 0, err
+    r = json.loads(out_json.read_text())
+    assert r["deploy"] == "cpu" and r["deployed_layers"] > 0
+    assert abs(r["deployed_top1"] - r["q_top1"]) <= 2
+    assert "deployed top-1" in out
+    code, out, err = run(capsys, "eval", "--quantized", str(out_model), "--eval-size", "100",
+                         "--json", str(tmp_path / "e.json"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "e.json").read_text())["top1"] == r["deployed_top1"]
+
+
 def make_folder(root, n=3, size=40):
     from PIL import Image
 
@@ -90,6 +105,8 @@ def bad_ckpt(tmp_path):
     (["--method", "qdrop", "--no-pos"], "--no-pos applies to pfcr only"),
     (["--method", "qdrop", "--resume"], "--resume needs --state-dir"),
     (["--method", "qdrop", "--iters", "0"], "positive"),
+    (["--deploy", "cuda"], "not implemented yet"),
+    (["--deploy", "fpga"], "invalid choice"),
 ])
 def test_bad_input_one_line_exit_2(capsys, tmp_path, args, match):
     args = [str(bad_ckpt(tmp_path)) if a == "BAD" else a for a in args]

@@ -90,3 +90,21 @@ def test_convert_bad_backend(tiny_w8a8, backend, match):
 def test_convert_needs_a_quantized_model(tiny):
     with pytest.raises(fastquant.FastquantError, match="fastquant.quantize"):
         convert(tiny[0])
+
+
+def test_deployed_model_saves_and_loads_as_integers(tiny, tiny_data, tmp_path):
+    model, _, _ = tiny
+    calib, test = tiny_data
+    q = fastquant.quantize(model, calib[:32], fastquant.QuantConfig(method="rtn", w_bits=4, a_bits=8), progress=False)
+    dep = convert(q)
+    path = tmp_path / "dep.safetensors"
+    fastquant.save(dep, path)
+    loaded = fastquant.load(path)
+    assert loaded.fastquant_deploy["converted"] == dep.fastquant_deploy["converted"]
+    for name in dep.fastquant_deploy["converted"]:
+        a, b = dep.get_submodule(name), loaded.get_submodule(name)
+        assert isinstance(b, Int8Linear)
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    x, _ = test.batch(range(8))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), dep(x))

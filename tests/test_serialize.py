@@ -29,9 +29,24 @@ def test_file_holds_integer_weights(saved):
 
     _, path, _ = saved
     sd = load_file(str(path))
-    ints = {k: v for k, v in sd.items() if k.endswith(".weight_int")}
-    assert ints and all(v.dtype == torch.uint8 and int(v.max()) <= 15 for v in ints.values())
+    packed = {k: v for k, v in sd.items() if k.endswith(".weight_int4")}  # the 4-bit layers: two codes per byte
+    assert packed and all(v.dtype == torch.uint8 for v in packed.values())
+    qkv = next(k for k in packed if k.endswith("qkv.weight_int4"))
+    assert packed[qkv].shape[1] * 2 == int(sd[qkv.replace("weight_int4", "weight_cols")])
+    ints = {k: v for k, v in sd.items() if k.endswith(".weight_int")}  # the 8-bit patch embedding
+    assert all(v.dtype == torch.uint8 for v in ints.values())
     assert not any(k.endswith("qkv.weight") for k in sd)
+
+
+@pytest.mark.parametrize("cols", [1, 6, 7])
+def test_int4_packing_roundtrip(cols):
+    from fastquant.serialize import pack_int4, unpack_int4
+
+    codes = torch.randint(0, 16, (5, cols), dtype=torch.uint8)
+    packed = pack_int4(codes)
+    assert packed.shape == (5, (cols + 1) // 2)
+    assert torch.equal(unpack_int4(packed, cols), codes)
+    assert int(packed[0, 0]) == int(codes[0, 0]) + (16 * int(codes[0, 1]) if cols > 1 else 0)
 
 
 def test_corrupted_file(tmp_path, saved):

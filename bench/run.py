@@ -1,0 +1,234 @@
+"""Latency benchmarks: whole models (full precision, fastquant deployments, peers) and kernels.
+
+    python bench/run.py [--json PATH] [--sections e2e,kernels] [--models M1,M2]
+                        [--batches 1,8,64] [--reps 10] [--eval-size 2000]
+
+e2e: for each model and batch size, the median latency of a forward pass (after a
+warm-up) of: full precision (fp32 eager on the CPU), the fake-quantized model,
+fastquant's W8A8 and W4A8 deployments (``fastquant.convert``: integer GEMMs) and, on
+the CPU, torch's dynamic int8 quantization of the Linear layers. dinov2-s14-fmnist is
+quantized with repq on 128 Fashion-MNIST training images and the W8A8 deployment's top-1
+is compared with the fake-quantized model's on the first --eval-size test images;
+timm models (vit_base_patch16_224 by default) use random weights and random calibration
+images (rtn). Ratios are measured side by side in one run.
+
+kernels: the Triton/CUDA kernels against the PyTorch reference (needs a CUDA device;
+skipped with the reason otherwise).
+
+Prints tables with the device, versions and commit, and saves everything as JSON
+(default bench/results/run_<device>.json). Records named ``target:...`` hold the
+figures the project's targets are judged by.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- environment -------------------------------------------------------------------------
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
+def versions() -> dict:
+    from fastquant._compat import import_timm  # timm beside a CPU-only torch needs fastquant's shim
+
+    v = {"python": platform.python_version(), "torch": torch.__version__, "timm": import_timm().__version__}
+    try:
+        v["triton"] = __import__("triton").__version__
+    except ImportError:
+        v["triton"] = None
+    return v
+
+
+# -- timing ------------------------------------------------------------------------------
+def median_ms(fn, reps: int, min_seconds: float = 1.0, max_seconds: float = 60.0) -> tuple[float, int]:
+    """Median wall time of ``fn()`` in ms over at least ``reps`` runs (or until
+    ``min_seconds`` have passed, at most ``max_seconds`` once 3 runs are done), after
+    one warm-up run."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    fn()
+    sync()
+    times, start = [], time.perf_counter()
+    while True:
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+        spent = time.perf_counter() - start
+        if (len(times) >= reps and spent >= min_seconds) or (len(times) >= 3 and spent >= max_seconds):
+            break
+    return 1e3 * statistics.median(times), len(times)
+
+
+# -- models ------------------------------------------------------------------------------
+def prepare(name: str, device: torch.device, eval_size: int):
+    """{variant: model} for one model name, and accuracy figures (dinov2 only)."""
+    import fastquant
+    from fastquant.data import calibration_indices, load_dataset, stack
+    from fastquant.evaluate import evaluate
+    from fastquant.models import load_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, dcfg, _ = load_model(name)
+    model = model.to(device).eval()
+    real_data = name.endswith("-fmnist")
+    if real_data:
+        train = load_dataset("fmnist", "train", dcfg)
+        calib, _ = stack(train, calibration_indices(len(train), 128, 0))
+        method = "repq"
+    else:
+        calib = torch.randn(8, 3, dcfg.img_size, dcfg.img_size, generator=torch.Generator().manual_seed(0))
+        method = "rtn"
+    calib = calib.to(device)
+    base = "fp32" if device.type == "cpu" else "fp16"
+    variants = {base: model if device.type == "cpu" else copy.deepcopy(model).half()}
+    info = {"img_size": dcfg.img_size, "quantize_method": method, "calib_images": len(calib), "skipped": {}}
+    for w, a in ((8, 8), (4, 8)):
+        q = fastquant.quantize(model, calib, fastquant.QuantConfig(method=method, w_bits=w, a_bits=a), progress=False)
+        variants[f"fake W{w}A{a}"] = q
+        try:
+            variants[f"fastquant W{w}A{a}"] = fastquant.convert(q)
+        except fastquant.FastquantError as exc:
+            info["skipped"][f"fastquant W{w}A{a}"] = str(exc)
+            print(f"fastquant W{w}A{a}: skipped ({exc})")
+    if device.type == "cpu":
+        from torch.ao.quantization import quantize_dynamic
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            variants["torch dynamic int8"] = quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+    if real_data and eval_size:
+        test = load_dataset("fmnist", "test", dcfg)
+        acc = {k: evaluate(variants[k], test, eval_size, 100, progress=False)
+               for k in ("fake W8A8", "fastquant W8A8", "fake W4A8", "fastquant W4A8") if k in variants}
+        acc = {"fp32": evaluate(model, test, eval_size, 100, progress=False), **acc}
+        info["top1"] = acc
+        info["eval_size"] = eval_size
+    return variants, info
+
+
+def bench_e2e(args, device, env) -> list[dict]:
+    records = []
+    for name in args.models.split(","):
+        print(f"\n## {name}: preparing (quantize, convert{', evaluate' if name.endswith('-fmnist') else ''})",
+              flush=True)
+        variants, info = prepare(name, device, args.eval_size)
+        if "top1" in info:
+            print("top-1 on the first", info["eval_size"], "test images:",
+                  ", ".join(f"{k} {v:.2f}" for k, v in info["top1"].items()))
+        first = next(iter(variants))
+        print(f"\n| batch | variant | median ms | images/s | vs {first} |\n|---|---|---|---|---|")
+        for batch in (int(b) for b in args.batches.split(",")):
+            x = torch.randn(batch, 3, info["img_size"], info["img_size"], generator=torch.Generator().manual_seed(1))
+            x = x.to(device)
+            base = None
+            for variant, model in variants.items():
+                xv = x.half() if variant == "fp16" else x
+                with torch.inference_mode():
+                    ms, n = median_ms(lambda: model(xv), args.reps)
+                base = ms if base is None else base
+                rec = {"name": "e2e", "model": name, "batch": batch, "variant": variant, "median_ms": round(ms, 3),
+                       "runs": n, "images_per_s": round(batch / ms * 1e3, 2), "baseline": first,
+                       "speedup": round(base / ms, 3), **env}
+                records.append(rec)
+                print(f"| {batch} | {variant} | {ms:.1f} | {rec['images_per_s']:.1f} | {base / ms:.2f}x |", flush=True)
+        if name == "dinov2-s14-fmnist" and device.type == "cpu":
+            at8 = {r["variant"]: r for r in records if r["model"] == name and r["batch"] == 8}
+            if "fastquant W8A8" in at8:
+                target = {"name": "target:cpu_e2e_w8a8", "model": name, "batch": 8,
+                          "speedup": at8["fastquant W8A8"]["speedup"], "baseline": "fp32 eager", **env}
+                if "top1" in info:
+                    target["accuracy_drop"] = round(info["top1"]["fake W8A8"] - info["top1"]["fastquant W8A8"], 2)
+                records.append(target)
+        records.append({"name": "e2e_info", "model": name, **info})
+    return records
+
+
+def bench_kernels(args, device, env) -> list[dict]:
+    if device.type != "cuda":
+        reason = "no CUDA device"
+        print(f"\n## kernels: skipped ({reason})")
+        return [{"name": "kernels", "skipped": reason, **env}]
+    from fastquant.ops import quantize_per_token_int8, torch_quantize_per_token_int8
+
+    records = []
+    print("\n## kernels\n\n| kernel | shape | reference ms | fastquant ms | speed-up |\n|---|---|---|---|---|")
+    for rows, cols in ((64 * 197, 768), (64 * 197, 3072)):
+        x = torch.randn(rows, cols, device=device, dtype=torch.float16)
+        ref, _ = median_ms(lambda: torch_quantize_per_token_int8(x), args.reps)
+        fast, _ = median_ms(lambda: quantize_per_token_int8(x), args.reps)
+        records.append({"name": "kernel:quantize_per_token_int8", "shape": [rows, cols], "reference_ms": ref,
+                        "fastquant_ms": fast, "speedup": ref / fast, **env})
+        print(f"| quantize_per_token_int8 | {rows}x{cols} | {ref:.3f} | {fast:.3f} | {ref / fast:.2f}x |")
+    return records
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", type=Path, help="where to save the records (default bench/results/run_<device>.json)")
+    p.add_argument("--sections", default="e2e,kernels")
+    p.add_argument("--models", default="dinov2-s14-fmnist,vit_base_patch16_224")
+    p.add_argument("--batches", default="1,8,64")
+    p.add_argument("--reps", type=int, default=10, help="timed runs per measurement (at least)")
+    p.add_argument("--eval-size", type=int, default=2000, help="test images for the accuracy check (0: none)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    args = p.parse_args(argv)
+    sections = args.sections.split(",")
+    unknown = set(sections) - {"e2e", "kernels"}
+    if unknown:
+        p.error(f"unknown section(s): {', '.join(sorted(unknown))} (choose from e2e, kernels)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = {"device": device_name(device), "commit": commit(), **versions()}
+    print(f"device: {env['device']}; torch {env['torch']}, timm {env['timm']}, triton {env['triton']}; "
+          f"commit {env['commit']}")
+    records = []
+    if "e2e" in sections:
+        records += bench_e2e(args, device, env)
+    if "kernels" in sections:
+        records += bench_kernels(args, device, env)
+    out = args.json or ROOT / "bench" / "results" / f"run_{'cuda' if device.type == 'cuda' else 'cpu'}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), **env, "records": records}, indent=2) + "\n")
+    print(f"\nsaved {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
