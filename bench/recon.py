@@ -51,6 +51,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     runs = ROOT / "bench" / "results" / "runs"
     runs.mkdir(parents=True, exist_ok=True)
+    STATE.mkdir(parents=True, exist_ok=True)
     records = []
     for setting in args.settings.split(","):
         w, a = (int(v) for v in setting.split("/"))
