@@ -5,6 +5,9 @@ tests' oracle, and CUDA implementations from ``csrc/`` (the ``fastquant._C``
 extension) and ``kernels/`` (Triton). For CUDA tensors an op uses the extension when it
 is built, else Triton, else the reference; ``fastquant.backends`` says which are
 available and why not.
+
+``grid_linear`` (the reconstruction loop's product on integer grids) is, so far, only its
+PyTorch composition, which autograd and torch.compile trace as they are.
 """
 from .grid import grid_linear
 from .int8 import quantize_per_token_int8, torch_quantize_per_token_int8
