@@ -41,15 +41,9 @@ def _offset(bits: int) -> int:
     return 1 << (bits - 1)
 
 
-def _weight_quantizer(layer: QuantLinear) -> UniformQuantizer:
-    wq = layer.weight_quant
-    wq = getattr(wq, "quantizer", wq)  # a reconstruction wrapper left installed
-    return wq
-
-
 def why_not_int8(layer: QuantLinear) -> str:
     """Why ``layer`` cannot run as an Int8Linear ('' if it can)."""
-    wq, iq = _weight_quantizer(layer), layer.input_quant
+    wq, iq = layer.weight_quant, layer.input_quant
     if not isinstance(wq, UniformQuantizer) or wq.per_token:
         return "its weight quantizer is not a per-channel uniform quantizer"
     if wq.mode != "quant":
@@ -101,7 +95,7 @@ class Int8Linear(nn.Module):
         reason = why_not_int8(layer)
         if reason:
             raise FastquantError(f"this layer cannot run on integers: {reason}")
-        wq, iq = _weight_quantizer(layer), layer.input_quant
+        wq, iq = layer.weight_quant, layer.input_quant
         new = cls(layer.in_features, layer.out_features, wq.bits, iq.bits, iq.per_token, layer.bias is not None)
         codes = wq.quantize(layer.weight.detach()).float()  # [N, K] in 0 .. 2^bits - 1
         b = codes - _offset(wq.bits)
