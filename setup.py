@@ -1,10 +1,16 @@
-"""Build script: the Python packages, plus the optional CUDA extension ``fastquant._C``.
+"""Build script: the Python packages, the CPU extension ``fastquant._C_cpu`` and the
+optional CUDA extension ``fastquant._C``.
 
 Metadata lives in pyproject.toml. Install with ``pip install -e . --no-build-isolation``
 (or ``pip wheel . --no-build-isolation``) so that the torch already installed decides
 the build; build isolation would fetch a different torch.
 
 The top-level folder ``kernels/`` (Triton kernels) is installed as ``fastquant.kernels``.
+
+The CPU extension (``csrc/cpu_int8.cpp``: the fused kernels of deployed int8 linear
+layers) is built with the C++ compiler against the installed torch; it is optional: if it
+fails to build, the install goes on and fastquant uses its PyTorch path
+(``fastquant.backends.CPU_EXT_REASON`` says why). ``FASTQUANT_CPU_EXT=0`` skips it.
 
 The CUDA extension is built from ``csrc/*.cu`` and ``csrc/bindings.cpp`` when torch is a
 CUDA build and a CUDA toolkit is found; whether this machine has a GPU does not matter.
@@ -27,6 +33,9 @@ NVCC_FLAGS = [
     "-gencode=arch=compute_90a,code=sm_90a",
 ]
 CXX_FLAGS = ["-O3"]
+# The CPU kernels must round like PyTorch: no fused multiply-add contraction, no fast math.
+# OpenMP runs at::parallel_for on torch's threads (the loader reuses torch's libgomp).
+CPU_CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]
 
 
 def _cuda_build_blocker():
@@ -78,7 +87,35 @@ def cuda_extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+def cpu_extensions():
+    """The CPU extension (optional: a failed build leaves the PyTorch path), or none."""
+    mode = os.environ.get("FASTQUANT_CPU_EXT", "").strip()
+    if mode not in ("", "0", "1"):
+        sys.exit(f"fastquant: FASTQUANT_CPU_EXT must be 0 or 1, got {mode!r}")
+    if mode == "0":
+        print("fastquant: skipping CPU extension: FASTQUANT_CPU_EXT=0", file=sys.stderr)
+        return []
+    try:
+        from torch.utils.cpp_extension import CppExtension
+    except ImportError as exc:
+        print(f"fastquant: skipping CPU extension: torch is not importable at build time ({exc})",
+              file=sys.stderr)
+        return []
+    return [CppExtension(
+        name="fastquant._C_cpu",
+        sources=[os.path.join("csrc", "cpu_int8.cpp")],
+        extra_compile_args={"cxx": CPU_CXX_FLAGS},
+        extra_link_args=["-fopenmp"],
+        optional=mode != "1",
+    )]
+
+
 ext_modules, cmdclass = cuda_extensions()
+ext_modules = cpu_extensions() + ext_modules
+if ext_modules and "build_ext" not in cmdclass:
+    from torch.utils.cpp_extension import BuildExtension
+
+    cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 # fastquant and its subpackages, plus kernels/ (and any subpackages) as fastquant.kernels.
 packages = find_packages(where=ROOT, include=["fastquant", "fastquant.*"])

@@ -76,23 +76,27 @@ def versions() -> dict:
 
 
 # -- timing ------------------------------------------------------------------------------
-def median_ms(fn, reps: int, min_seconds: float = 1.0, max_seconds: float = 60.0) -> tuple[float, int]:
-    """Median wall time of ``fn()`` in ms over at least ``reps`` runs (or until
-    ``min_seconds`` have passed, at most ``max_seconds`` once 3 runs are done), after
-    one warm-up run."""
+def median_ms(fns: dict, reps: int, warmup: int = 3, max_seconds: float = 120.0) -> dict:
+    """{name: (median wall time of ``fn()`` in ms, runs)} for a dict of callables, timed
+    side by side: after ``warmup`` untimed calls of each, rounds that call every one once,
+    until each has ``reps`` timed runs (at least 3 once ``max_seconds`` have passed).
+    Interleaving spreads the drift of a shared machine over all variants alike."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    fn()
-    sync()
-    times, start = [], time.perf_counter()
-    while True:
-        t = time.perf_counter()
-        fn()
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
         sync()
-        times.append(time.perf_counter() - t)
-        spent = time.perf_counter() - start
-        if (len(times) >= reps and spent >= min_seconds) or (len(times) >= 3 and spent >= max_seconds):
+    times = {k: [] for k in fns}
+    start = time.perf_counter()
+    for r in range(reps):
+        if r >= 3 and time.perf_counter() - start >= max_seconds:
             break
-    return 1e3 * statistics.median(times), len(times)
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[k].append(time.perf_counter() - t)
+    return {k: (1e3 * statistics.median(v), len(v)) for k, v in times.items()}
 
 
 # -- models ------------------------------------------------------------------------------
@@ -157,12 +161,11 @@ def bench_e2e(args, device, env) -> list[dict]:
         for batch in (int(b) for b in args.batches.split(",")):
             x = torch.randn(batch, 3, info["img_size"], info["img_size"], generator=torch.Generator().manual_seed(1))
             x = x.to(device)
-            base = None
-            for variant, model in variants.items():
-                xv = x.half() if variant == "fp16" else x
-                with torch.inference_mode():
-                    ms, n = median_ms(lambda: model(xv), args.reps)
-                base = ms if base is None else base
+            inputs = {v: x.half() if v == "fp16" else x for v in variants}
+            with torch.inference_mode():
+                timed = median_ms({v: (lambda m=m, xv=inputs[v]: m(xv)) for v, m in variants.items()}, args.reps)
+            base = timed[first][0]
+            for variant, (ms, n) in timed.items():
                 rec = {"name": "e2e", "model": name, "batch": batch, "variant": variant, "median_ms": round(ms, 3),
                        "runs": n, "images_per_s": round(batch / ms * 1e3, 2), "baseline": first,
                        "speedup": round(base / ms, 3), **env}
@@ -191,8 +194,9 @@ def bench_kernels(args, device, env) -> list[dict]:
     print("\n## kernels\n\n| kernel | shape | reference ms | fastquant ms | speed-up |\n|---|---|---|---|---|")
     for rows, cols in ((64 * 197, 768), (64 * 197, 3072)):
         x = torch.randn(rows, cols, device=device, dtype=torch.float16)
-        ref, _ = median_ms(lambda: torch_quantize_per_token_int8(x), args.reps)
-        fast, _ = median_ms(lambda: quantize_per_token_int8(x), args.reps)
+        timed = median_ms({"ref": lambda: torch_quantize_per_token_int8(x), "fast": lambda: quantize_per_token_int8(x)},
+                          args.reps)
+        ref, fast = timed["ref"][0], timed["fast"][0]
         records.append({"name": "kernel:quantize_per_token_int8", "shape": [rows, cols], "reference_ms": ref,
                         "fastquant_ms": fast, "speedup": ref / fast, **env})
         print(f"| quantize_per_token_int8 | {rows}x{cols} | {ref:.3f} | {fast:.3f} | {ref / fast:.2f}x |")
@@ -205,7 +209,7 @@ def main(argv=None):
     p.add_argument("--sections", default="e2e,kernels")
     p.add_argument("--models", default="dinov2-s14-fmnist,vit_base_patch16_224")
     p.add_argument("--batches", default="1,8,64")
-    p.add_argument("--reps", type=int, default=10, help="timed runs per measurement (at least)")
+    p.add_argument("--reps", type=int, default=10, help="timed runs per measurement")
     p.add_argument("--eval-size", type=int, default=2000, help="test images for the accuracy check (0: none)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     args = p.parse_args(argv)

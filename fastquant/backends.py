@@ -4,6 +4,10 @@ Decided once, at import:
 
 - ``TRITON_AVAILABLE`` / ``TRITON_REASON``: Triton imports (it still needs a CUDA tensor,
   or ``TRITON_INTERPRET=1`` set before the kernels are imported, to run).
+- ``CPU_EXT_AVAILABLE`` / ``CPU_EXT_REASON``: the compiled CPU extension
+  ``fastquant._C_cpu`` (fused kernels of deployed int8 linear layers) imports. setup.py
+  builds it with the C++ compiler whenever it can; without it, deployed layers run their
+  PyTorch reference path.
 - ``CUDA_EXT_AVAILABLE`` / ``CUDA_EXT_REASON``: the compiled extension ``fastquant._C``
   imports. setup.py builds it only against a CUDA build of torch with a CUDA toolkit.
 
@@ -21,6 +25,19 @@ import torch
 from fastquant.kernels import TRITON_AVAILABLE, TRITON_REASON
 
 try:
+    importlib.import_module("fastquant._C_cpu")
+except ImportError as exc:
+    CPU_EXT_AVAILABLE = False
+    if isinstance(exc, ModuleNotFoundError) and exc.name == "fastquant._C_cpu":
+        CPU_EXT_REASON = ("fastquant._C_cpu is not built (reinstall fastquant with a C++ compiler; "
+                          "FASTQUANT_CPU_EXT=1 makes a failed build an error)")
+    else:
+        CPU_EXT_REASON = f"fastquant._C_cpu failed to load ({exc})"
+else:
+    CPU_EXT_AVAILABLE = True
+    CPU_EXT_REASON = ""
+
+try:
     importlib.import_module("fastquant._C")
 except ImportError as exc:
     CUDA_EXT_AVAILABLE = False
@@ -33,7 +50,8 @@ else:
     CUDA_EXT_AVAILABLE = True
     CUDA_EXT_REASON = ""
 
-__all__ = ["TRITON_AVAILABLE", "TRITON_REASON", "CUDA_EXT_AVAILABLE", "CUDA_EXT_REASON",
+__all__ = ["TRITON_AVAILABLE", "TRITON_REASON", "CPU_EXT_AVAILABLE", "CPU_EXT_REASON", "CUDA_EXT_AVAILABLE",
+           "CUDA_EXT_REASON",
            "triton_interpret", "describe"]
 
 
@@ -58,6 +76,8 @@ def describe() -> dict:
         "triton_available": TRITON_AVAILABLE,
         "triton_reason": TRITON_REASON,
         "triton_interpret": triton_interpret(),
+        "cpu_ext_available": CPU_EXT_AVAILABLE,
+        "cpu_ext_reason": CPU_EXT_REASON,
         "cuda_ext_available": CUDA_EXT_AVAILABLE,
         "cuda_ext_reason": CUDA_EXT_REASON,
     }

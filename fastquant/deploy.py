@@ -17,6 +17,12 @@ row sums of ``a`` and ``B' = sum_k b + K c_w`` fixed at conversion. For a calibr
 (per-tensor) input step everything but ``acc`` and ``A`` is folded into two per-channel
 vectors; per-token (dynamic) inputs compute ``s_x``, ``z_x`` per row at run time.
 
+On the CPU the whole layer (quantize the input and take its row sums, the int8 GEMM, the
+epilogue) runs in one call of the compiled extension ``fastquant._C_cpu``
+(``csrc/cpu_int8.cpp``: three passes instead of about ten); ``Int8Linear.reference`` is
+the PyTorch twin it is tested against and the path used when the extension is not built
+(``fastquant.backends.CPU_EXT_REASON``).
+
 Layers the integer path cannot express (a per-channel input step, weights or inputs
 wider than 8 bits, a non-uniform quantizer) keep their fake-quant module; ``convert``
 reports them. Attention matmuls, the patch embedding and the normalisations stay as in
@@ -30,6 +36,7 @@ import copy
 import torch
 from torch import nn
 
+from . import backends
 from .errors import FastquantError
 from .modules import QuantLinear
 from .quantizers import UniformQuantizer, range_to_qparams
@@ -83,6 +90,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("x_zero", torch.zeros(()))
         self.register_buffer("col_scale", torch.ones(out_features))
         self.register_buffer("col_add", torch.zeros(out_features))
+        # Run the fused CPU kernels (fastquant._C_cpu) when they are built; False forces
+        # the PyTorch reference path.
+        self.use_kernels = True
 
     def extra_repr(self) -> str:
         inp = "per-token" if self.per_token else "per-tensor"
@@ -136,7 +146,26 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).float()
+        x2 = x.reshape(-1, self.in_features)
+        if self.use_kernels and backends.CPU_EXT_AVAILABLE and x2.device.type == "cpu" and x2.shape[0] > 0:
+            out = self._fused(x2.float().contiguous())
+        else:
+            out = self.reference(x2)
+        return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def _fused(self, x2: torch.Tensor) -> torch.Tensor:
+        from fastquant import _C_cpu
+
+        if self.per_token:
+            return _C_cpu.int8_linear_dynamic(x2, self.weight_t, self.a_bits, self.w_corr, self.b_sum, self.w_scale,
+                                              self.bias)[0]
+        return _C_cpu.int8_linear_static(x2, self.weight_t, float(self.x_scale), float(self.x_zero), self.a_bits,
+                                         self.w_corr, self.col_add, self.col_scale)
+
+    def reference(self, x2: torch.Tensor) -> torch.Tensor:
+        """The PyTorch path for ``x2`` [rows, in_features] (float32 out): the oracle the
+        fused CPU kernels are tested against, and the path on other devices."""
+        x2 = x2.float()
         qmax, o = (1 << self.a_bits) - 1, _offset(self.a_bits)
         if self.per_token:
             s_x, z_x = range_to_qparams(x2.amin(1, keepdim=True), x2.amax(1, keepdim=True), qmax)
@@ -153,7 +182,7 @@ class Int8Linear(nn.Module):
                 acc.add_(self.bias)
         else:
             acc.add_(self.col_add).mul_(self.col_scale)
-        return acc.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return acc
 
 
 def convert(qmodel: nn.Module, backend: str = "auto", *, inplace: bool = False) -> nn.Module:

@@ -41,6 +41,65 @@ def test_int8_linear_equals_the_fake_quant_layer(w_bits, a_bits, per_token, bias
     assert dep.weight_t.dtype == torch.int8
 
 
+def test_cpu_extension_is_built():
+    """make test installs fastquant with its CPU extension; a failed (optional) build must
+    not pass unnoticed, since the kernel tests below would then skip."""
+    import os
+
+    from fastquant import backends
+
+    if os.environ.get("FASTQUANT_CPU_EXT") == "0":
+        pytest.skip("FASTQUANT_CPU_EXT=0: the CPU extension was not meant to be built")
+    assert backends.CPU_EXT_AVAILABLE, backends.CPU_EXT_REASON
+
+
+@pytest.mark.parametrize("w_bits,a_bits", [(8, 8), (4, 8), (3, 3), (6, 4)])
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("rows", [1, 17, 203])  # below, at and above the kernels' 16-row grain
+def test_fused_cpu_kernels_equal_the_reference(w_bits, a_bits, per_token, rows):
+    """The fused kernels produce the same codes (a single different code would move an
+    output by about s_x * |w| * s_w, far above the bound) and the same epilogue up to float
+    rounding; inputs may be non-contiguous or bfloat16."""
+    from fastquant import backends
+
+    if not backends.CPU_EXT_AVAILABLE:
+        pytest.skip(backends.CPU_EXT_REASON)
+    dep = Int8Linear.from_quant_linear(_layer(w_bits, a_bits, per_token, bias=True, seed=rows))
+    gen = torch.Generator().manual_seed(rows)
+    x = (torch.randn(96, rows, generator=gen) * 2 + 0.3).t()  # non-contiguous rows
+    with torch.no_grad():
+        ref = dep.reference(x)
+        out = dep(x)
+        assert out.dtype == torch.float32 and out.shape == (rows, 40)
+        assert (out - ref).abs().max() <= 1e-6 * ref.abs().max()
+        xb = x.to(torch.bfloat16)  # computed in float32, returned in the input's dtype
+        outb, out32 = dep(xb), dep(xb.float())
+        assert outb.dtype == torch.bfloat16 and torch.equal(outb, out32.to(torch.bfloat16))
+        refb = dep.reference(xb)
+        assert (out32 - refb).abs().max() <= 1e-6 * refb.abs().max()
+    dep.use_kernels = False
+    with torch.no_grad():
+        assert torch.equal(dep(x), ref)
+
+
+def test_fused_cpu_kernels_check_their_inputs():
+    from fastquant import backends
+
+    if not backends.CPU_EXT_AVAILABLE:
+        pytest.skip(backends.CPU_EXT_REASON)
+    from fastquant import _C_cpu
+
+    dep = Int8Linear.from_quant_linear(_layer(8, 8, False, True))
+    args = (8, dep.w_corr, dep.col_add, dep.col_scale)
+    with pytest.raises(RuntimeError, match="x must be a contiguous 2-D float32"):
+        _C_cpu.int8_linear_static(torch.zeros(4, 96, dtype=torch.float64), dep.weight_t, 0.1, 0.0, *args)
+    with pytest.raises(RuntimeError, match="weight_t must be an int8"):
+        _C_cpu.int8_linear_static(torch.zeros(4, 95), dep.weight_t, 0.1, 0.0, *args)
+    with pytest.raises(RuntimeError, match="col_scale must be"):
+        _C_cpu.int8_linear_static(torch.zeros(4, 96), dep.weight_t, 0.1, 0.0, 8, dep.w_corr, dep.col_add,
+                                  dep.col_scale[:3])
+
+
 def test_int8_linear_refuses_what_it_cannot_express():
     layer = _layer(8, 8, False, True)
     layer.input_quant = UniformQuantizer(8, (96,))
