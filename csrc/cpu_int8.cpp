@@ -2,7 +2,8 @@
 //
 // An Int8Linear computes y = s_x s_w [acc + c_w A + c_x B'] + b with acc the int8 x int8 ->
 // int32 product of the activation codes a (moved into int8) and the weight codes, and A the
-// row sums of a (see fastquant/deploy.py for the algebra). In PyTorch that is about ten
+// row sums of a (see fastquant/deploy.py for the algebra).
+// (The attention's uniform fake quantization gets a one-pass kernel too: fake_quant_uniform.) In PyTorch that is about ten
 // elementwise passes over [rows, features] tensors around the GEMM; here it is three:
 //
 //   quantize: x (float32) -> a (int8) and A (int32) in one pass, with one step and zero
@@ -81,6 +82,14 @@ FQ_CLONES void epilogue_row_dynamic(const int32_t* acc, float* out, int64_t n, f
     const float scale = s_x * s_w[j];
     v = (v + corr) * scale;
     out[j] = bias ? v + bias[j] : v;
+  }
+}
+
+// out[j] = (clamp(nearbyint(x[j] / s) + z, 0, qmax) - z) * s
+FQ_CLONES void fake_quant_span(const float* x, float* out, int64_t n, float s, float z, float qmax) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float q = std::min(std::max(std::nearbyint(x[j] / s) + z, 0.0f), qmax);
+    out[j] = (q - z) * s;
   }
 }
 
@@ -185,6 +194,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear_dynamic(const at::Ten
   return {out, sx, zx};
 }
 
+// Uniform fake quantization with one step and zero point for the tensor, in one pass: the
+// attention operands of a deployed model (float32, any shape; contiguous output).
+at::Tensor fake_quant_uniform(const at::Tensor& x, double scale, double zero_point, int64_t bits) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat,
+              "fake_quant_uniform: x must be a float32 CPU tensor, got ", x.scalar_type(), " on ", x.device());
+  TORCH_CHECK(bits >= 2 && bits <= 16, "fake_quant_uniform: bits must be 2..16, got ", bits);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty_like(xc);
+  const float s = static_cast<float>(scale), z = static_cast<float>(zero_point);
+  const float qmax = static_cast<float>((int64_t{1} << bits) - 1);
+  const float* xp = xc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  constexpr int64_t kSpan = 4096;  // elements per task
+  const int64_t n = xc.numel();
+  at::parallel_for(0, (n + kSpan - 1) / kSpan, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t lo = t * kSpan, len = std::min(kSpan, n - lo);
+      fake_quant_span(xp + lo, op + lo, len, s, z, qmax);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -196,4 +228,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Int8Linear forward with per-token input quantization; returns (y, step, zero point)", py::arg("x"),
         py::arg("weight_t"), py::arg("a_bits"), py::arg("w_corr"), py::arg("b_sum"), py::arg("w_scale"),
         py::arg("bias"));
+  m.def("fake_quant_uniform", &fake_quant_uniform,
+        "(clamp(round(x / s) + z, 0, 2^bits - 1) - z) * s in one pass (contiguous float32 out)", py::arg("x"),
+        py::arg("scale"), py::arg("zero_point"), py::arg("bits"));
 }

@@ -26,7 +26,8 @@ the PyTorch twin it is tested against and the path used when the extension is no
 Layers the integer path cannot express (a per-channel input step, weights or inputs
 wider than 8 bits, a non-uniform quantizer) keep their fake-quant module; ``convert``
 reports them. Attention matmuls, the patch embedding and the normalisations stay as in
-the fake-quant model (float math), so the converted model's outputs equal the fake-quant
+the fake-quant model (float math; the attention operands' per-tensor fake quantization in
+one pass of the CPU extension, ``KernelFakeQuant``), so the converted model's outputs equal the fake-quant
 model's up to float rounding (the integer sums are exact; tests bound the difference).
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ from torch import nn
 
 from . import backends
 from .errors import FastquantError
-from .modules import QuantLinear
+from .modules import QuantLinear, QuantMatMul, _adopt
 from .quantizers import UniformQuantizer, range_to_qparams
 
 BACKENDS = ("auto", "cpu", "triton", "cuda")
@@ -185,6 +186,27 @@ class Int8Linear(nn.Module):
         return acc
 
 
+class KernelFakeQuant(UniformQuantizer):
+    """A calibrated per-tensor :class:`UniformQuantizer` of a deployed model (the attention
+    operands) whose forward runs the one-pass CPU kernel when it can: float32 CPU input,
+    no gradient wanted. Same buffers and state-dict names as the quantizer it replaces;
+    the result equals ``UniformQuantizer.forward`` exactly (same float operations)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.mode == "quant" and backends.CPU_EXT_AVAILABLE and x.device.type == "cpu"
+                and x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad)):
+            from fastquant import _C_cpu
+
+            return _C_cpu.fake_quant_uniform(x, float(self.scale), float(self.zero_point), self.bits)
+        return super().forward(x)
+
+
+def _kernel_quantizer(q: nn.Module):
+    if type(q) is UniformQuantizer and not q.per_token and q.scale.numel() == 1 and q.mode == "quant":
+        return _adopt(KernelFakeQuant, q)
+    return q
+
+
 def convert(qmodel: nn.Module, backend: str = "auto", *, inplace: bool = False) -> nn.Module:
     """A deployable copy of ``qmodel`` (from ``fastquant.quantize`` or ``fastquant.load``)
     whose quantized linear layers run on integers (see the module docstring).
@@ -219,6 +241,9 @@ def convert(qmodel: nn.Module, backend: str = "auto", *, inplace: bool = False) 
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, Int8Linear.from_quant_linear(layer))
         converted.append(name)
+    for m in model.modules():  # the attention matmuls stay fake-quantized, in one pass each
+        if isinstance(m, QuantMatMul):
+            m.a_quant, m.b_quant = _kernel_quantizer(m.a_quant), _kernel_quantizer(m.b_quant)
     if not converted:
         raise FastquantError("no layer of this model can run on integers: "
                              + "; ".join(f"{n}: {r}" for n, r in list(kept.items())[:3]))

@@ -100,6 +100,24 @@ def test_fused_cpu_kernels_check_their_inputs():
                                   dep.col_scale[:3])
 
 
+def test_attention_fake_quant_kernel_equals_the_quantizer(tiny_w8a8):
+    """convert() gives the attention operands' per-tensor quantizers the one-pass kernel;
+    it computes exactly what UniformQuantizer.forward does (same float operations)."""
+    from fastquant import backends
+    from fastquant.deploy import KernelFakeQuant
+
+    dep = convert(tiny_w8a8)
+    quantizers = [m for m in dep.modules() if isinstance(m, KernelFakeQuant)]
+    assert len(quantizers) >= 2 * len(dep.blocks)  # at least two per attention
+    if not backends.CPU_EXT_AVAILABLE:
+        pytest.skip(backends.CPU_EXT_REASON)
+    x = (torch.randn(2, 3, 64, 197) * 3).transpose(-1, -2)  # non-contiguous, as attention operands are
+    for q in quantizers[:4]:
+        with torch.no_grad():
+            assert torch.equal(q(x), UniformQuantizer.forward(q, x))
+        assert set(q.state_dict()) == set(UniformQuantizer(8).state_dict())  # saved under the same names
+
+
 def test_int8_linear_refuses_what_it_cannot_express():
     layer = _layer(8, 8, False, True)
     layer.input_quant = UniformQuantizer(8, (96,))
