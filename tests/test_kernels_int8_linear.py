@@ -1,0 +1,146 @@
+"""Deployed int8 linear layers: the PyTorch twins, and the Triton kernels against them.
+
+Without a GPU the Triton kernels run in Triton's CPU interpreter, in one child process
+started with TRITON_INTERPRET=1 (see test_kernels_int8.py for why); each case is reported
+as its own test. Quantization is compared bit for bit; the GEMM's float32 epilogue within
+float32 rounding (the compiler may contract it into fused multiply-adds), and an fp16 or
+bf16 output within one unit in the last place of the correctly rounded reference.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastquant.deploy import Int8Linear
+from fastquant.ops.int8_linear import torch_int8_gemm, torch_quantize_asym
+
+REPO = Path(__file__).resolve().parents[1]
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# name -> (code building x, bits, calibrated (scale, zero) or None, keyword arguments)
+QUANTIZE_CASES = {
+    "per_token_a8_197x384": ("torch.randn(197, 384) * 2 + 0.3", 8, None, {}),
+    "per_token_a4_chunked_37x100": ("torch.randn(37, 100)", 4, None, {"block_k": 32}),
+    "per_token_a3_transposed": ("torch.randn(96, 21).t()", 3, None, {}),
+    "per_token_positive_rows_fp16": ("(torch.rand(9, 64) + 0.5).half()", 8, None, {}),
+    "per_tensor_a8_bf16": ("(torch.randn(33, 96) * 3).bfloat16()", 8, (0.05, 85.0), {}),
+    "per_tensor_a6_ties": ("torch.arange(-40.0, 40.0, 0.5).reshape(4, 40) * 0.25", 6, (0.25, 31.0), {}),
+    "no_rows": ("torch.randn(0, 16)", 8, None, {}),
+}
+# name -> (M, K, N, bias, out dtype, blocks)
+GEMM_CASES = {
+    "37x96x40_fp32_bias": (37, 96, 40, True, "float32", (16, 16, 32)),
+    "197x100x72_fp32_k_tail": (197, 100, 72, False, "float32", (32, 32, 32)),
+    "65x64x48_fp16_bias": (65, 64, 48, True, "float16", (16, 32, 32)),
+    "1x32x16_bf16": (1, 32, 16, True, "bfloat16", (16, 16, 32)),
+}
+
+_CHILD = r"""
+import importlib.util, json, sys
+import torch
+from fastquant.kernels import int8_linear as K
+from fastquant.ops.int8_linear import torch_int8_gemm, torch_quantize_asym
+
+spec = importlib.util.spec_from_file_location("cases", sys.argv[1])
+cases = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cases)
+torch.manual_seed(0)
+report = {"interpreted": K._is_interpreted(), "quantize": {}, "gemm": {}}
+for name, (code, bits, calib, kw) in cases.QUANTIZE_CASES.items():
+    x = eval(code)
+    args = (bits,) if calib is None else (bits, torch.tensor(calib[0]), torch.tensor(calib[1]))
+    got, ref = K.triton_quantize_asym(x, *args, **kw), torch_quantize_asym(x, *args)
+    report["quantize"][name] = {
+        "equal": [bool(torch.equal(g, r)) for g, r in zip(got, ref)],
+        "dtypes": [str(g.dtype) for g in got],
+        "mismatches": int((got[0] != ref[0]).sum()),
+    }
+for name, (m, k, n, bias, out, blocks) in cases.GEMM_CASES.items():
+    g = torch.Generator().manual_seed(m * n)
+    x = torch.randn(m, k, generator=g)
+    a, rowsum, s_x, c_x = torch_quantize_asym(x, 8)
+    b = torch.randint(-128, 128, (k, n), dtype=torch.int8, generator=g)
+    s_w, c_w = torch.rand(n, generator=g) * 0.01, torch.randint(-8, 8, (n,), generator=g).float()
+    b_sum = b.float().sum(0) + k * c_w
+    bias_t = torch.randn(n, generator=g) if bias else None
+    dt = getattr(torch, out)
+    args = (a, b, rowsum, s_x, c_x, s_w, c_w, b_sum, bias_t)
+    y = K.triton_int8_gemm(*args, out_dtype=dt, blocks=blocks)
+    ref32 = torch_int8_gemm(*args, out_dtype=torch.float32)
+    # float32: within float32 rounding of the epilogue; fp16/bf16: the correctly rounded
+    # reference within one unit in the last place of the output type
+    eps = 1e-6 if out == "float32" else torch.finfo(dt).eps
+    err = (y.float() - ref32.to(dt).float()).abs()
+    report["gemm"][name] = {
+        "dtype_ok": y.dtype == dt and tuple(y.shape) == (m, n),
+        "max_err": float(err.max()),
+        "ref_max": float(ref32.abs().max()),
+        "within": bool((err <= eps * ref32.abs() + 1e-6 * ref32.abs().max()).all()),
+    }
+json.dump(report, sys.stdout)
+"""
+
+
+@pytest.fixture(scope="module")
+def report():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", _CHILD, __file__], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)
+
+
+def test_twins_compose_to_the_deployed_layer():
+    """quantize + GEMM twins = Int8Linear.reference (which folds the per-tensor constants)."""
+    from test_deploy import _layer  # the tests folder is on sys.path (no __init__.py)
+
+    for per_token in (False, True):
+        dep = Int8Linear.from_quant_linear(_layer(4, 8, per_token, bias=True))
+        x = torch.randn(50, 96) * 2
+        scale = None if per_token else dep.x_scale
+        a, rowsum, s_x, c_x = torch_quantize_asym(x, 8, scale, None if per_token else dep.x_zero)
+        y = torch_int8_gemm(a, dep.weight_t, rowsum, s_x, c_x, dep.w_scale, dep.w_corr, dep.b_sum, dep.bias,
+                            out_dtype=torch.float32)
+        ref = dep.reference(x)
+        assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_interpreter_really_interprets(report):
+    assert report["interpreted"]
+
+
+@pytest.mark.parametrize("case", list(QUANTIZE_CASES))
+def test_triton_quantize_asym_equals_reference(report, case):
+    r = report["quantize"][case]
+    assert r["dtypes"] == ["torch.int8", "torch.int32", "torch.float32", "torch.float32"], r
+    assert all(r["equal"]), r
+
+
+@pytest.mark.parametrize("case", list(GEMM_CASES))
+def test_triton_int8_gemm_equals_reference(report, case):
+    r = report["gemm"][case]
+    assert r["dtype_ok"] and r["within"], r
+
+
+@needs_gpu
+def test_triton_int8_linear_on_gpu():
+    from fastquant.kernels import int8_linear as K
+
+    torch.manual_seed(0)
+    m, k, n = 64 * 197, 768, 3072
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    got = K.triton_quantize_asym(x, 8)
+    ref = torch_quantize_asym(x.cpu(), 8)
+    assert all(torch.equal(g.cpu(), r) for g, r in zip(got, ref))
+    b = torch.randint(-128, 128, (k, n), dtype=torch.int8)
+    s_w, c_w = torch.rand(n) * 0.01, torch.zeros(n)
+    b_sum = b.float().sum(0)
+    args = (ref[0], b, ref[1], ref[2], ref[3], s_w, c_w, b_sum, None)
+    y = K.triton_int8_gemm(*[t.cuda() if t is not None else None for t in args], out_dtype=torch.float32)
+    y_ref = torch_int8_gemm(*args, out_dtype=torch.float32)
+    assert ((y.cpu() - y_ref).abs() <= 1e-6 * y_ref.abs() + 1e-6 * y_ref.abs().max()).all()
