@@ -5,6 +5,7 @@ User mistakes print one line, ``error: ...``, and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -82,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--per-token", action="store_true", help="dynamic per-token activation scales")
     q.add_argument("--deploy", choices=("cpu", "cuda", "triton"),
                    help="also convert to integer layers with this backend (cpu: int8 GEMMs), evaluate the "
-                        "deployed model and save it with --out (cuda and triton: not implemented yet)")
+                        "deployed model and save it with --out (triton: Triton int8 GEMMs on a GPU; cuda: not "
+                        "implemented yet)")
     r = q.add_argument_group("reconstruction (brecq, qdrop, pfcr, mgrq)")
     r.add_argument("--budget", choices=tuple(BUDGETS),
                    help="preset: cpu (256 images, 300 steps per unit, PFCR up to pairs of blocks) or full (1,024 "
@@ -149,9 +151,11 @@ def cmd_quantize(args) -> dict:
         raise FastquantError(f"{', '.join(given)}: only for the reconstruction methods ({', '.join(RECON_METHODS)})")
     if args.no_pos and cfg.method != "pfcr":
         raise FastquantError("--no-pos applies to pfcr only")
-    if args.deploy in ("cuda", "triton"):
-        raise FastquantError(f"--deploy {args.deploy}: the {args.deploy} deployment backend is not implemented yet "
-                             "(use --deploy cpu)")
+    if args.deploy == "cuda":
+        raise FastquantError("--deploy cuda: the CUDA C++ deployment backend is not implemented yet "
+                             "(use --deploy triton on a GPU, or --deploy cpu)")
+    if args.deploy == "triton" and not torch.cuda.is_available():
+        raise FastquantError("--deploy triton needs a CUDA GPU (use --deploy cpu)")
     if args.resume and args.state_dir is None:
         raise FastquantError("--resume needs --state-dir (the folder of the run to continue)")
     if args.state_dir is not None and args.state_dir.exists() and not args.state_dir.is_dir():
@@ -190,7 +194,8 @@ def cmd_quantize(args) -> dict:
     if args.deploy:
         from .deploy import convert
 
-        dmodel = convert(qmodel, args.deploy)
+        dmodel = convert(copy.deepcopy(qmodel).cuda(), "triton", inplace=True) if args.deploy == "triton" \
+            else convert(qmodel, args.deploy)
         deployed = evaluate(dmodel, test, eval_size, args.batch_size, desc=f"eval deployed ({args.deploy})")
         qmodel = dmodel
     if args.out:

@@ -91,8 +91,10 @@ class Int8Linear(nn.Module):
         self.register_buffer("x_zero", torch.zeros(()))
         self.register_buffer("col_scale", torch.ones(out_features))
         self.register_buffer("col_add", torch.zeros(out_features))
-        # Run the fused CPU kernels (fastquant._C_cpu) when they are built; False forces
-        # the PyTorch reference path.
+        # "cpu": the fused CPU kernels (fastquant._C_cpu) when they are built; "triton":
+        # the Triton kernels (kernels/int8_linear.py). use_kernels=False forces the
+        # PyTorch reference path.
+        self.backend = "cpu"
         self.use_kernels = True
 
     def extra_repr(self) -> str:
@@ -148,11 +150,25 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
+        if self.backend == "triton" and self.use_kernels:
+            return self._triton(x2).reshape(*shape[:-1], self.out_features)
         if self.use_kernels and backends.CPU_EXT_AVAILABLE and x2.device.type == "cpu" and x2.shape[0] > 0:
             out = self._fused(x2.float().contiguous())
         else:
             out = self.reference(x2)
         return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def _triton(self, x2: torch.Tensor) -> torch.Tensor:
+        from fastquant.kernels.int8_linear import triton_int8_gemm, triton_quantize_asym
+
+        if self.per_token:
+            a, rowsum, s_x, c_x = triton_quantize_asym(x2, self.a_bits)
+        else:
+            a, rowsum, s_x, c_x = triton_quantize_asym(x2, self.a_bits, self.x_scale, self.x_zero)
+        out_dtype = x2.dtype if x2.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+        y = triton_int8_gemm(a, self.weight_t, rowsum, s_x, c_x, self.w_scale, self.w_corr, self.b_sum, self.bias,
+                             out_dtype=out_dtype)
+        return y.to(x2.dtype)
 
     def _fused(self, x2: torch.Tensor) -> torch.Tensor:
         from fastquant import _C_cpu
@@ -211,9 +227,11 @@ def convert(qmodel: nn.Module, backend: str = "auto", *, inplace: bool = False) 
     """A deployable copy of ``qmodel`` (from ``fastquant.quantize`` or ``fastquant.load``)
     whose quantized linear layers run on integers (see the module docstring).
 
-    ``backend``: ``cpu`` (``torch._int_mm``, VNNI on x86), or ``auto`` (the CPU backend for
-    a model on the CPU). The GPU backends (``triton``, ``cuda``) are not implemented yet and
-    are refused. The result records ``fastquant_deploy`` = {backend, converted layer
+    ``backend``: ``cpu`` (a model on the CPU: ``torch._int_mm``, VNNI on x86, inside the
+    fused kernels of ``fastquant._C_cpu``), ``triton`` (a model on a CUDA device: the Triton
+    quantize and int8 GEMM kernels of ``kernels/int8_linear.py``), or ``auto`` (the one
+    that fits the model's device). ``cuda`` (CUDA C++ GEMM) is not implemented yet and is
+    refused. The result records ``fastquant_deploy`` = {backend, converted layer
     names, the others with the reason}.
     """
     if backend not in BACKENDS:
@@ -223,10 +241,16 @@ def convert(qmodel: nn.Module, backend: str = "auto", *, inplace: bool = False) 
     param = next(qmodel.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     if backend == "auto":
-        backend = "cpu" if device.type == "cpu" else "cuda"
-    if backend in ("triton", "cuda"):
-        raise FastquantError(f"the {backend} deployment backend is not implemented yet (use backend='cpu' on a CPU model)")
-    if device.type != "cpu":
+        backend = "cpu" if device.type == "cpu" else "triton"
+    if backend == "cuda":
+        raise FastquantError("the cuda deployment backend (CUDA C++ int8 GEMM) is not implemented yet "
+                             "(use backend='triton' on a CUDA model, or 'cpu')")
+    if backend == "triton":
+        if device.type != "cuda":
+            raise FastquantError(f"backend 'triton' needs the model on a CUDA device, it is on {device}")
+        if not backends.TRITON_AVAILABLE:
+            raise FastquantError(f"backend 'triton' is unavailable: {backends.TRITON_REASON}")
+    elif device.type != "cpu":
         raise FastquantError(f"backend 'cpu' needs the model on the CPU, it is on {device}")
     model = qmodel if inplace else copy.deepcopy(qmodel)
     converted, kept = [], {}
@@ -239,7 +263,9 @@ def convert(qmodel: nn.Module, backend: str = "auto", *, inplace: bool = False) 
             continue
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, Int8Linear.from_quant_linear(layer))
+        new = Int8Linear.from_quant_linear(layer)
+        new.backend = backend
+        setattr(parent, attr, new)
         converted.append(name)
     for m in model.modules():  # the attention matmuls stay fake-quantized, in one pass each
         if isinstance(m, QuantMatMul):

@@ -161,5 +161,7 @@ def load(path: str | os.PathLike) -> nn.Module:
     if "deploy" in meta:
         from .deploy import convert
 
-        model = convert(model, meta["deploy"], inplace=True)
+        # The model loads on the CPU: a GPU deployment comes back as the CPU one (the same
+        # integer layers); convert(model.cuda(), "triton") moves it back.
+        model = convert(model, "cpu" if meta["deploy"] in ("triton", "cuda") else meta["deploy"], inplace=True)
     return model.eval()

@@ -106,6 +106,7 @@ def bad_ckpt(tmp_path):
     (["--method", "qdrop", "--resume"], "--resume needs --state-dir"),
     (["--method", "qdrop", "--iters", "0"], "positive"),
     (["--deploy", "cuda"], "not implemented yet"),
+    *([(["--deploy", "triton"], "needs a CUDA GPU")] if not torch.cuda.is_available() else []),
     (["--deploy", "fpga"], "invalid choice"),
 ])
 def test_bad_input_one_line_exit_2(capsys, tmp_path, args, match):

@@ -157,7 +157,7 @@ def test_convert_runs_every_linear_on_integers_and_keeps_accuracy(tiny_w8a8, tin
     assert abs(acc_q - acc_d) <= 1.0
 
 
-@pytest.mark.parametrize("backend,match", [("gpu", "unknown backend"), ("triton", "not implemented"),
+@pytest.mark.parametrize("backend,match", [("gpu", "unknown backend"), ("triton", "needs the model on a CUDA"),
                                            ("cuda", "not implemented")])
 def test_convert_bad_backend(tiny_w8a8, backend, match):
     with pytest.raises(fastquant.FastquantError, match=match):
@@ -185,3 +185,20 @@ def test_deployed_model_saves_and_loads_as_integers(tiny, tiny_data, tmp_path):
     x, _ = test.batch(range(8))
     with torch.no_grad():
         assert torch.equal(loaded(x), dep(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_deployment_on_gpu(tiny_w8a8, tiny_data):
+    """convert(model.cuda(), 'triton') runs every linear layer on the Triton kernels and keeps
+    the fake-quantized model's predictions."""
+    import copy
+
+    dep = convert(copy.deepcopy(tiny_w8a8).cuda(), "triton")
+    assert all(m.backend == "triton" for m in dep.modules() if isinstance(m, Int8Linear))
+    calib, _ = tiny_data
+    x = calib[:16]
+    with torch.no_grad():
+        ref = tiny_w8a8(x)
+        out = dep(x.cuda()).cpu()
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    assert (out - ref).abs().max() <= 1e-3 * ref.abs().max() + 1e-3

@@ -81,6 +81,19 @@ for name, (m, k, n, bias, out, blocks) in cases.GEMM_CASES.items():
         "ref_max": float(ref32.abs().max()),
         "within": bool((err <= eps * ref32.abs() + 1e-6 * ref32.abs().max()).all()),
     }
+# The deployed layer with backend "triton" (the interpreter runs it on CPU tensors).
+sys.path.insert(0, str(__import__("pathlib").Path(sys.argv[1]).parent))
+from test_deploy import _layer
+from fastquant.deploy import Int8Linear
+report["layer"] = {}
+for per_token in (False, True):
+    dep = Int8Linear.from_quant_linear(_layer(4, 8, per_token, bias=True))
+    x = torch.randn(2, 19, 96) * 2
+    ref = dep.reference(x.reshape(-1, 96)).reshape(2, 19, 40)
+    dep.backend = "triton"
+    y = dep(x)
+    report["layer"][str(per_token)] = {"shape_ok": y.shape == ref.shape and y.dtype == x.dtype,
+                                       "within": bool((y - ref).abs().max() <= 1e-5 * ref.abs().max())}
 json.dump(report, sys.stdout)
 """
 
@@ -125,6 +138,12 @@ def test_triton_quantize_asym_equals_reference(report, case):
 def test_triton_int8_gemm_equals_reference(report, case):
     r = report["gemm"][case]
     assert r["dtype_ok"] and r["within"], r
+
+
+@pytest.mark.parametrize("per_token", ["False", "True"])
+def test_int8_linear_triton_backend_equals_its_reference(report, per_token):
+    r = report["layer"][per_token]
+    assert r["shape_ok"] and r["within"], r
 
 
 @needs_gpu
