@@ -3,17 +3,21 @@
     python bench/run.py [--json PATH] [--sections e2e,kernels] [--models M1,M2]
                         [--batches 1,8,64] [--reps 10] [--eval-size 2000]
 
-e2e: for each model and batch size, the median latency of a forward pass (after a
-warm-up) of: full precision (fp32 eager on the CPU), the fake-quantized model,
-fastquant's W8A8 and W4A8 deployments (``fastquant.convert``: integer GEMMs) and, on
-the CPU, torch's dynamic int8 quantization of the Linear layers. dinov2-s14-fmnist is
+e2e: for each model and batch size, the median latency of a forward pass of: full
+precision (fp32 eager on the CPU, fp16 on a GPU), the fake-quantized model, fastquant's
+W8A8 and W4A8 deployments (``fastquant.convert``: integer GEMMs; the cpu backend on the
+CPU, triton on a GPU) and, on the CPU, torch's dynamic int8 quantization of the Linear
+layers. Each variant gets 3 warm-up calls, then the variants are timed in interleaved
+rounds (one call each per round), so a shared machine's drift hits all of them alike. dinov2-s14-fmnist is
 quantized with repq on 128 Fashion-MNIST training images and the W8A8 deployment's top-1
 is compared with the fake-quantized model's on the first --eval-size test images;
 timm models (vit_base_patch16_224 by default) use random weights and random calibration
 images (rtn). Ratios are measured side by side in one run.
 
 kernels: the Triton/CUDA kernels against the PyTorch reference (needs a CUDA device;
-skipped with the reason otherwise).
+skipped with the reason otherwise): per-token int8 quantization, and the W8A8 linear
+layer (Triton quantize + int8 GEMM with the dequantization epilogue) against fp16
+torch.matmul at ViT-S/B shapes (record ``target:w8a8_gemm`` at 12,608 x 768 x 3,072).
 
 Prints tables with the device, versions and commit, and saves everything as JSON
 (default bench/results/run_<device>.json). Records named ``target:...`` hold the
@@ -171,6 +175,12 @@ def bench_e2e(args, device, env) -> list[dict]:
                        "speedup": round(base / ms, 3), **env}
                 records.append(rec)
                 print(f"| {batch} | {variant} | {ms:.1f} | {rec['images_per_s']:.1f} | {base / ms:.2f}x |", flush=True)
+        if name == "vit_base_patch16_224" and device.type == "cuda":
+            at64 = {r["variant"]: r for r in records if r["model"] == name and r["batch"] == 64}
+            if "fastquant W8A8" in at64:
+                records.append({"name": "target:gpu_e2e_w8a8", "model": name, "batch": 64,
+                                "speedup": at64["fastquant W8A8"]["speedup"], "baseline": "fp16 eager (SDPA)",
+                                **env})
         if name == "dinov2-s14-fmnist" and device.type == "cpu":
             at8 = {r["variant"]: r for r in records if r["model"] == name and r["batch"] == 8}
             if "fastquant W8A8" in at8:
@@ -200,6 +210,59 @@ def bench_kernels(args, device, env) -> list[dict]:
         records.append({"name": "kernel:quantize_per_token_int8", "shape": [rows, cols], "reference_ms": ref,
                         "fastquant_ms": fast, "speedup": ref / fast, **env})
         print(f"| quantize_per_token_int8 | {rows}x{cols} | {ref:.3f} | {fast:.3f} | {ref / fast:.2f}x |")
+    records += bench_gemm(args, device, env)
+    return records
+
+
+def bench_gemm(args, device, env) -> list[dict]:
+    """The W8A8 linear layer (Triton quantize + int8 GEMM with its epilogue) against fp16
+    torch.matmul (cuBLAS) and the PyTorch reference path, at ViT-S/B layer shapes."""
+    from fastquant.kernels.int8_linear import triton_int8_gemm, triton_quantize_asym
+    from fastquant.ops.int8_linear import torch_quantize_asym
+
+    records = []
+    print("\n| W8A8 linear | M x K x N | fp16 matmul ms | reference ms | GEMM ms (TFLOP/s) | quantize+GEMM ms "
+          "| GEMM vs fp16 |\n|---|---|---|---|---|---|---|")
+    shapes = [(64 * 197, 768, 3072), (64 * 197, 3072, 768), (64 * 197, 768, 2304), (64 * 197, 384, 1536),
+              (64 * 197, 1536, 384)]
+    for m, k, n in shapes:
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(m, k, device=device, dtype=torch.float16, generator=gen)
+        w16 = torch.randn(k, n, device=device, dtype=torch.float16, generator=gen)
+        b = torch.randint(-128, 128, (k, n), device=device, dtype=torch.int8, generator=gen)
+        s_w = torch.rand(n, device=device) * 0.01
+        c_w = torch.zeros(n, device=device)
+        b_sum = b.float().sum(0)
+        bias = torch.randn(n, device=device)
+        a, rowsum, s_x, c_x = triton_quantize_asym(x, 8)
+
+        def reference():  # the PyTorch path: quantize, int8 GEMM (torch._int_mm), float epilogue
+            a_r, rs, sx, cx = torch_quantize_asym(x, 8)
+            acc = torch._int_mm(a_r, b).float() + rs.float()[:, None] * c_w
+            return ((acc + cx[:, None] * b_sum) * (sx[:, None] * s_w) + bias).half()
+
+        def linear():  # the deployed layer: per-token quantize, then the GEMM
+            a_t, rs, sx, cx = triton_quantize_asym(x, 8)
+            return triton_int8_gemm(a_t, b, rs, sx, cx, s_w, c_w, b_sum, bias, torch.float16)
+
+        timed = median_ms({
+            "fp16": lambda: x @ w16,
+            "reference": reference,
+            "gemm": lambda: triton_int8_gemm(a, b, rowsum, s_x, c_x, s_w, c_w, b_sum, bias, torch.float16),
+            "linear": linear,
+        }, args.reps)
+        ms = {key: v[0] for key, v in timed.items()}
+        tflops = 2 * m * k * n / (ms["gemm"] * 1e-3) / 1e12
+        rec = {"name": "kernel:w8a8_linear", "shape": [m, k, n], **{f"{key}_ms": round(v, 4) for key, v in ms.items()},
+               "gemm_tflops": round(tflops, 1), "speedup_gemm_vs_fp16": round(ms["fp16"] / ms["gemm"], 3),
+               "speedup_linear_vs_reference": round(ms["reference"] / ms["linear"], 3), **env}
+        records.append(rec)
+        print(f"| | {m}x{k}x{n} | {ms['fp16']:.3f} | {ms['reference']:.3f} | {ms['gemm']:.3f} ({tflops:.0f}) | "
+              f"{ms['linear']:.3f} | {ms['fp16'] / ms['gemm']:.2f}x |", flush=True)
+        if (m, k, n) == (64 * 197, 768, 3072):
+            records.append({"name": "target:w8a8_gemm", "shape": [m, k, n], "speedup": rec["speedup_gemm_vs_fp16"],
+                            "baseline": "fp16 torch.matmul (cuBLAS)", "fastquant_ms": ms["gemm"],
+                            "baseline_ms": ms["fp16"], **env})
     return records
 
 
