@@ -216,13 +216,14 @@ def bench_kernels(args, device, env) -> list[dict]:
 
 def bench_gemm(args, device, env) -> list[dict]:
     """The W8A8 linear layer (Triton quantize + int8 GEMM with its epilogue) against fp16
-    torch.matmul (cuBLAS) and the PyTorch reference path, at ViT-S/B layer shapes."""
-    from fastquant.kernels.int8_linear import triton_int8_gemm, triton_quantize_asym
+    torch.matmul (cuBLAS) and the PyTorch reference path, at ViT-S/B layer shapes; and the
+    GEMM with packed 4-bit weights (W4A8)."""
+    from fastquant.kernels.int8_linear import pack_int4_t, triton_int8_gemm, triton_quantize_asym
     from fastquant.ops.int8_linear import torch_quantize_asym
 
     records = []
     print("\n| W8A8 linear | M x K x N | fp16 matmul ms | reference ms | GEMM ms (TFLOP/s) | quantize+GEMM ms "
-          "| GEMM vs fp16 |\n|---|---|---|---|---|---|---|")
+          "| W4A8 GEMM ms | GEMM vs fp16 |\n|---|---|---|---|---|---|---|---|")
     shapes = [(64 * 197, 768, 3072), (64 * 197, 3072, 768), (64 * 197, 768, 2304), (64 * 197, 384, 1536),
               (64 * 197, 1536, 384)]
     for m, k, n in shapes:
@@ -235,6 +236,7 @@ def bench_gemm(args, device, env) -> list[dict]:
         b_sum = b.float().sum(0)
         bias = torch.randn(n, device=device)
         a, rowsum, s_x, c_x = triton_quantize_asym(x, 8)
+        b4 = pack_int4_t(torch.randint(-8, 8, (k, n), device=device, dtype=torch.int8, generator=gen))
 
         def reference():  # the PyTorch path: quantize, int8 GEMM (torch._int_mm), float epilogue
             a_r, rs, sx, cx = torch_quantize_asym(x, 8)
@@ -250,6 +252,7 @@ def bench_gemm(args, device, env) -> list[dict]:
             "reference": reference,
             "gemm": lambda: triton_int8_gemm(a, b, rowsum, s_x, c_x, s_w, c_w, b_sum, bias, torch.float16),
             "linear": linear,
+            "gemm_w4": lambda: triton_int8_gemm(a, b4, rowsum, s_x, c_x, s_w, c_w, b_sum, bias, torch.float16),
         }, args.reps)
         ms = {key: v[0] for key, v in timed.items()}
         tflops = 2 * m * k * n / (ms["gemm"] * 1e-3) / 1e12
@@ -258,7 +261,7 @@ def bench_gemm(args, device, env) -> list[dict]:
                "speedup_linear_vs_reference": round(ms["reference"] / ms["linear"], 3), **env}
         records.append(rec)
         print(f"| | {m}x{k}x{n} | {ms['fp16']:.3f} | {ms['reference']:.3f} | {ms['gemm']:.3f} ({tflops:.0f}) | "
-              f"{ms['linear']:.3f} | {ms['fp16'] / ms['gemm']:.2f}x |", flush=True)
+              f"{ms['linear']:.3f} | {ms['gemm_w4']:.3f} | {ms['fp16'] / ms['gemm']:.2f}x |", flush=True)
         if (m, k, n) == (64 * 197, 768, 3072):
             records.append({"name": "target:w8a8_gemm", "shape": [m, k, n], "speedup": rec["speedup_gemm_vs_fp16"],
                             "baseline": "fp16 torch.matmul (cuBLAS)", "fastquant_ms": ms["gemm"],

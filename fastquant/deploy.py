@@ -96,6 +96,18 @@ class Int8Linear(nn.Module):
         # PyTorch reference path.
         self.backend = "cpu"
         self.use_kernels = True
+        # backend "triton" with weights of at most 4 bits: the codes two per byte, which the
+        # Triton GEMM unpacks (kernels/int8_linear.py pack_int4_t); set by set_backend.
+        self.weight_packed = None
+
+    def set_backend(self, backend: str) -> "Int8Linear":
+        self.backend = backend
+        self.weight_packed = None
+        if backend == "triton" and self.w_bits <= 4:
+            from fastquant.kernels.int8_linear import pack_int4_t
+
+            self.weight_packed = pack_int4_t(self.weight_t)
+        return self
 
     def extra_repr(self) -> str:
         inp = "per-token" if self.per_token else "per-tensor"
@@ -166,7 +178,8 @@ class Int8Linear(nn.Module):
         else:
             a, rowsum, s_x, c_x = triton_quantize_asym(x2, self.a_bits, self.x_scale, self.x_zero)
         out_dtype = x2.dtype if x2.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
-        y = triton_int8_gemm(a, self.weight_t, rowsum, s_x, c_x, self.w_scale, self.w_corr, self.b_sum, self.bias,
+        weight = self.weight_packed if self.weight_packed is not None else self.weight_t
+        y = triton_int8_gemm(a, weight, rowsum, s_x, c_x, self.w_scale, self.w_corr, self.b_sum, self.bias,
                              out_dtype=out_dtype)
         return y.to(x2.dtype)
 
@@ -263,9 +276,7 @@ def convert(qmodel: nn.Module, backend: str = "auto", *, inplace: bool = False) 
             continue
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        new = Int8Linear.from_quant_linear(layer)
-        new.backend = backend
-        setattr(parent, attr, new)
+        setattr(parent, attr, Int8Linear.from_quant_linear(layer).set_backend(backend))
         converted.append(name)
     for m in model.modules():  # the attention matmuls stay fake-quantized, in one pass each
         if isinstance(m, QuantMatMul):

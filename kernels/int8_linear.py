@@ -17,8 +17,8 @@ quantize (``_quantize_asym_kernel``), x [M, K] read as float32, ``bits`` <= 8,
 with true division (``tl.div_rn``) and round half to even, so the codes equal PyTorch's
 bit for bit.
 
-GEMM (``_int8_gemm_kernel``), weight codes ``b = q_w - o_w`` as int8 [K, N] and per
-output channel ``s_w``, ``c_w = o_w - z_w``, ``B' = sum_k b + K c_w``, optional bias:
+GEMM (``_int8_gemm_kernel``), weight codes ``b = q_w - o_w`` as int8 [K, N] (or, for
+4-bit weights, packed two per byte: ``pack_int4_t``) and per output channel ``s_w``, ``c_w = o_w - z_w``, ``B' = sum_k b + K c_w``, optional bias:
 
     acc = a @ b (int32, exact)
     y   = (((acc + A c_w) + c_x B') * (s_x s_w)) + bias          float32 math
@@ -92,11 +92,16 @@ def _int8_gemm_kernel(
     a_ptr, b_ptr, out_ptr, rowsum_ptr, sx_ptr, cx_ptr, sw_ptr, cw_ptr, bsum_ptr, bias_ptr,
     M, N, K, stride_am, stride_bk, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, W4: tl.constexpr,
 ):
     """One BLOCK_M x BLOCK_N output tile per program; programs are ordered in groups of
     GROUP_M row tiles so neighbours share their B tiles in L2. The K loop accumulates int32
-    on the tensor cores (``tl.dot`` of int8 operands); the epilogue is the module docstring's."""
+    on the tensor cores (``tl.dot`` of int8 operands); the epilogue is the module docstring's.
+
+    W4: b is packed 4-bit codes, uint8 [ceil(K/2), N], row j holding k = 2j in the low and
+    k = 2j + 1 in the high nibble (codes 0..15, offset 8 subtracted in the kernel); the
+    even and odd columns of a are loaded separately and each multiplies its half of the
+    unpacked tile, so nothing is interleaved in registers."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -114,13 +119,28 @@ def _int8_gemm_kernel(
     a_ptrs = a_ptr + rm[:, None] * stride_am + rk[None, :]
     b_ptrs = b_ptr + rk[:, None].to(tl.int64) * stride_bk + rn[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for start in range(0, K, BLOCK_K):
-        k_ok = (start + rk) < K
-        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_bk
+    if W4:
+        rh = tl.arange(0, BLOCK_K // 2)
+        a_even = a_ptr + rm[:, None] * stride_am + 2 * rh[None, :]
+        b_ptrs = b_ptr + rh[:, None].to(tl.int64) * stride_bk + rn[None, :]
+        for start in range(0, K, BLOCK_K):
+            k_even = (start + 2 * rh) < K
+            k_odd = (start + 2 * rh + 1) < K
+            a0 = tl.load(a_even, mask=m_ok[:, None] & k_even[None, :], other=0)
+            a1 = tl.load(a_even + 1, mask=m_ok[:, None] & k_odd[None, :], other=0)
+            p = tl.load(b_ptrs, mask=k_even[:, None] & n_ok[None, :], other=0x88).to(tl.int32)
+            acc = tl.dot(a0, ((p & 0xF) - 8).to(tl.int8), acc, out_dtype=tl.int32)
+            acc = tl.dot(a1, ((p >> 4) - 8).to(tl.int8), acc, out_dtype=tl.int32)
+            a_even += BLOCK_K
+            b_ptrs += (BLOCK_K // 2) * stride_bk
+    else:
+        for start in range(0, K, BLOCK_K):
+            k_ok = (start + rk) < K
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K * stride_bk
 
     row_sum = tl.load(rowsum_ptr + rm, mask=m_ok, other=0).to(tl.float32)
     s_x = tl.load(sx_ptr + rm, mask=m_ok, other=0.0)
@@ -185,14 +205,19 @@ def triton_quantize_asym(x, bits: int, scale=None, zero_point=None, *, block_k: 
 
 def triton_int8_gemm(a, b, rowsum, s_x, c_x, s_w, c_w, b_sum, bias=None, out_dtype=None,
                      *, blocks: tuple[int, int, int] | None = None):
-    """``y`` [M, N] of the module docstring's GEMM and epilogue. ``blocks`` overrides
-    (BLOCK_M, BLOCK_N, BLOCK_K) (each a power of two, at least 16; 32 for BLOCK_K on GPUs)."""
+    """``y`` [M, N] of the module docstring's GEMM and epilogue. ``b``: int8 [K, N] weight
+    codes minus their offset, or uint8 [ceil(K/2), N] packed 4-bit codes (``pack_int4_t``).
+    ``blocks`` overrides (BLOCK_M, BLOCK_N, BLOCK_K) (each a power of two, at least 16; on
+    GPUs BLOCK_K at least 32, 64 for packed weights)."""
     import torch
 
     name = "triton_int8_gemm"
-    if a.dtype != torch.int8 or b.dtype != torch.int8 or a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
-        raise ValueError(f"{name}: expected int8 a [M, K] and b [K, N], got {a.dtype} {tuple(a.shape)} and "
-                         f"{b.dtype} {tuple(b.shape)}")
+    w4 = b.dtype == torch.uint8
+    rows_b = (a.shape[1] + 1) // 2 if w4 else a.shape[1]
+    if (a.dtype != torch.int8 or b.dtype not in (torch.int8, torch.uint8) or a.dim() != 2 or b.dim() != 2
+            or b.shape[0] != rows_b):
+        raise ValueError(f"{name}: expected int8 a [M, K] and int8 b [K, N] (or packed 4-bit uint8 b "
+                         f"[ceil(K/2), N]), got {a.dtype} {tuple(a.shape)} and {b.dtype} {tuple(b.shape)}")
     _check_device(a, name)
     m, k = a.shape
     n = b.shape[1]
@@ -214,9 +239,21 @@ def triton_int8_gemm(a, b, rowsum, s_x, c_x, s_w, c_w, b_sum, bias=None, out_dty
     _int8_gemm_kernel[grid](
         a, b, out, rowsum.contiguous(), vecs[0], vecs[1], vecs[2], vecs[3], vecs[4], bias_t,
         m, n, k, a.stride(0), b.stride(0), out.stride(0),
-        HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+        HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, W4=w4,
         num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=4)
     return out
+
+
+def pack_int4_t(weight_t):
+    """int8 [K, N] weight codes minus 8 (4-bit weights, values -8..7) -> uint8
+    [ceil(K/2), N]: row j holds k = 2j in the low nibble and k = 2j + 1 in the high one
+    (code + 8; an odd K's missing high nibble is code 8, i.e. zero)."""
+    import torch
+
+    codes = (weight_t.to(torch.int16) + 8).to(torch.uint8)
+    if codes.shape[0] % 2:
+        codes = torch.cat([codes, torch.full_like(codes[:1], 8)], 0)
+    return (codes[0::2] | (codes[1::2] << 4)).contiguous()
 
 
 def _quantize_spec(dtype: str, per_token: bool, bits: int, block_m: int, block_k: int) -> KernelSpec:
@@ -233,18 +270,18 @@ def _quantize_spec(dtype: str, per_token: bool, bits: int, block_m: int, block_k
     )
 
 
-def _gemm_spec(out: str, has_bias: bool, bm: int, bn: int, bk: int, warps: int) -> KernelSpec:
+def _gemm_spec(out: str, has_bias: bool, bm: int, bn: int, bk: int, warps: int, w4: bool = False) -> KernelSpec:
     return KernelSpec(
         kernel=_int8_gemm_kernel,
         signature={
-            "a_ptr": "*i8", "b_ptr": "*i8", "out_ptr": f"*{out}", "rowsum_ptr": "*i32", "sx_ptr": "*fp32",
+            "a_ptr": "*i8", "b_ptr": "*u8" if w4 else "*i8", "out_ptr": f"*{out}", "rowsum_ptr": "*i32", "sx_ptr": "*fp32",
             "cx_ptr": "*fp32", "sw_ptr": "*fp32", "cw_ptr": "*fp32", "bsum_ptr": "*fp32", "bias_ptr": "*fp32",
             "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32", "stride_bk": "i32", "stride_om": "i32",
             "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-            "GROUP_M": "constexpr",
+            "GROUP_M": "constexpr", "W4": "constexpr",
         },
-        constexprs={"HAS_BIAS": has_bias, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-        label=f"{out},{'bias' if has_bias else 'no_bias'},{bm}x{bn}x{bk}",
+        constexprs={"HAS_BIAS": has_bias, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "W4": w4},
+        label=f"{out},{'bias' if has_bias else 'no_bias'},{'w4,' if w4 else ''}{bm}x{bn}x{bk}",
         options={"num_warps": warps, "num_stages": 4},
     )
 
@@ -259,4 +296,6 @@ COMPILE_SPECS = [
     _gemm_spec("fp16", True, 128, 128, 64, 8),
     _gemm_spec("bf16", False, 128, 128, 64, 8),
     _gemm_spec("fp32", True, 64, 128, 64, 4),
+    _gemm_spec("fp16", True, 128, 128, 64, 8, w4=True),
+    _gemm_spec("fp32", False, 64, 128, 64, 4, w4=True),
 ]

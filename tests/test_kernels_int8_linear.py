@@ -32,7 +32,9 @@ QUANTIZE_CASES = {
     "no_rows": ("torch.randn(0, 16)", 8, None, {}),
 }
 # name -> (M, K, N, bias, out dtype, blocks)
-GEMM_CASES = {
+GEMM_CASES = {  # "w4": the weight packed two codes per byte, values -8..7
+    "w4_37x101x40_fp32_bias": (37, 101, 40, True, "float32", (16, 16, 32)),
+    "w4_65x64x48_fp16": (65, 64, 48, False, "float16", (16, 32, 64)),
     "37x96x40_fp32_bias": (37, 96, 40, True, "float32", (16, 16, 32)),
     "197x100x72_fp32_k_tail": (197, 100, 72, False, "float32", (32, 32, 32)),
     "65x64x48_fp16_bias": (65, 64, 48, True, "float16", (16, 32, 32)),
@@ -63,13 +65,14 @@ for name, (m, k, n, bias, out, blocks) in cases.GEMM_CASES.items():
     g = torch.Generator().manual_seed(m * n)
     x = torch.randn(m, k, generator=g)
     a, rowsum, s_x, c_x = torch_quantize_asym(x, 8)
-    b = torch.randint(-128, 128, (k, n), dtype=torch.int8, generator=g)
+    w4 = name.startswith("w4")
+    b = torch.randint(-8 if w4 else -128, 8 if w4 else 128, (k, n), dtype=torch.int8, generator=g)
     s_w, c_w = torch.rand(n, generator=g) * 0.01, torch.randint(-8, 8, (n,), generator=g).float()
     b_sum = b.float().sum(0) + k * c_w
     bias_t = torch.randn(n, generator=g) if bias else None
     dt = getattr(torch, out)
     args = (a, b, rowsum, s_x, c_x, s_w, c_w, b_sum, bias_t)
-    y = K.triton_int8_gemm(*args, out_dtype=dt, blocks=blocks)
+    y = K.triton_int8_gemm(a, K.pack_int4_t(b) if w4 else b, *args[2:], out_dtype=dt, blocks=blocks)
     ref32 = torch_int8_gemm(*args, out_dtype=torch.float32)
     # float32: within float32 rounding of the epilogue; fp16/bf16: the correctly rounded
     # reference within one unit in the last place of the output type
@@ -86,14 +89,16 @@ sys.path.insert(0, str(__import__("pathlib").Path(sys.argv[1]).parent))
 from test_deploy import _layer
 from fastquant.deploy import Int8Linear
 report["layer"] = {}
-for per_token in (False, True):
-    dep = Int8Linear.from_quant_linear(_layer(4, 8, per_token, bias=True))
+for w_bits, per_token in ((4, False), (4, True), (8, True)):
+    dep = Int8Linear.from_quant_linear(_layer(w_bits, 8, per_token, bias=True))
     x = torch.randn(2, 19, 96) * 2
     ref = dep.reference(x.reshape(-1, 96)).reshape(2, 19, 40)
-    dep.backend = "triton"
+    dep.set_backend("triton")
     y = dep(x)
-    report["layer"][str(per_token)] = {"shape_ok": y.shape == ref.shape and y.dtype == x.dtype,
-                                       "within": bool((y - ref).abs().max() <= 1e-5 * ref.abs().max())}
+    report["layer"][f"w{w_bits}_{'per_token' if per_token else 'per_tensor'}"] = {
+        "packed": dep.weight_packed is not None and dep.weight_packed.dtype == torch.uint8,
+        "shape_ok": y.shape == ref.shape and y.dtype == x.dtype,
+        "within": bool((y - ref).abs().max() <= 1e-5 * ref.abs().max())}
 json.dump(report, sys.stdout)
 """
 
@@ -140,10 +145,22 @@ def test_triton_int8_gemm_equals_reference(report, case):
     assert r["dtype_ok"] and r["within"], r
 
 
-@pytest.mark.parametrize("per_token", ["False", "True"])
-def test_int8_linear_triton_backend_equals_its_reference(report, per_token):
-    r = report["layer"][per_token]
+@pytest.mark.parametrize("case", ["w4_per_tensor", "w4_per_token", "w8_per_token"])
+def test_int8_linear_triton_backend_equals_its_reference(report, case):
+    r = report["layer"][case]
     assert r["shape_ok"] and r["within"], r
+    assert r["packed"] == case.startswith("w4"), r
+
+
+def test_pack_int4_t_layout():
+    from fastquant.kernels.int8_linear import pack_int4_t
+
+    pytest.importorskip("triton")
+    w = torch.tensor([[-8, 7], [0, -1], [3, 5]], dtype=torch.int8)  # K = 3 (odd), N = 2
+    packed = pack_int4_t(w)
+    assert packed.dtype == torch.uint8 and packed.shape == (2, 2)
+    # row 0: k=0 low nibble, k=1 high nibble (code = value + 8); row 1: k=2, then the pad (code 8)
+    assert packed.tolist() == [[0 | (8 << 4), 15 | (7 << 4)], [11 | (8 << 4), 13 | (8 << 4)]]
 
 
 @needs_gpu
