@@ -3,7 +3,9 @@
 // An Int8Linear computes y = s_x s_w [acc + c_w A + c_x B'] + b with acc the int8 x int8 ->
 // int32 product of the activation codes a (moved into int8) and the weight codes, and A the
 // row sums of a (see fastquant/deploy.py for the algebra).
-// (The attention's uniform fake quantization gets a one-pass kernel too: fake_quant_uniform.) In PyTorch that is about ten
+// (The attention's fake quantization gets one-pass kernels too: fake_quant_uniform for
+// uniform quantizers per tensor or per head, fake_quant_log for the softmax's log2 and
+// log-sqrt2 quantizers.) In PyTorch that is about ten
 // elementwise passes over [rows, features] tensors around the GEMM; here it is three:
 //
 //   quantize: x (float32) -> a (int8) and A (int32) in one pass, with one step and zero
@@ -194,24 +196,86 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_linear_dynamic(const at::Ten
   return {out, sx, zx};
 }
 
-// Uniform fake quantization with one step and zero point for the tensor, in one pass: the
-// attention operands of a deployed model (float32, any shape; contiguous output).
-at::Tensor fake_quant_uniform(const at::Tensor& x, double scale, double zero_point, int64_t bits) {
+// Uniform fake quantization in one pass, with one step and zero point for the whole tensor
+// or one per channel of a dimension: x is viewed as [rows, inner] (contiguous) and row r
+// uses channel r % channels (per head of [B, H, N, D]: inner = N * D, channels = H).
+at::Tensor fake_quant_uniform(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                              int64_t inner, int64_t bits) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat,
               "fake_quant_uniform: x must be a float32 CPU tensor, got ", x.scalar_type(), " on ", x.device());
   TORCH_CHECK(bits >= 2 && bits <= 16, "fake_quant_uniform: bits must be 2..16, got ", bits);
+  const int64_t channels = scale.numel();
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && zero_point.scalar_type() == at::kFloat &&
+                  zero_point.numel() == channels && channels > 0 && scale.is_contiguous() && zero_point.is_contiguous(),
+              "fake_quant_uniform: scale and zero_point must be contiguous float32 vectors of one length");
   const at::Tensor xc = x.contiguous();
+  const int64_t n = xc.numel();
+  TORCH_CHECK(inner > 0 && n % inner == 0, "fake_quant_uniform: inner (", inner, ") must divide x's size (", n, ")");
   at::Tensor out = at::empty_like(xc);
-  const float s = static_cast<float>(scale), z = static_cast<float>(zero_point);
   const float qmax = static_cast<float>((int64_t{1} << bits) - 1);
-  const float* xp = xc.data_ptr<float>();
+  const float *xp = xc.data_ptr<float>(), *sp = scale.data_ptr<float>(), *zp = zero_point.data_ptr<float>();
   float* op = out.data_ptr<float>();
   constexpr int64_t kSpan = 4096;  // elements per task
+  const int64_t spans = (inner + kSpan - 1) / kSpan, rows = n / inner;
+  at::parallel_for(0, rows * spans, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t r = t / spans, lo = (t % spans) * kSpan, c = r % channels;
+      const int64_t off = r * inner + lo;
+      fake_quant_span(xp + off, op + off, std::min(kSpan, inner - lo), sp[c], zp[c], qmax);
+    }
+  });
+  return out;
+}
+
+// Nearest level of a log quantizer, in value (LogQuantizer.quantize then .dequantize),
+// returned as (xq - x) + x like LogQuantizer.forward's straight-through form.
+// levels[q] = scale * 2^(-q / steps) for q < zero_code, levels[zero_code] = 0 (made by
+// the caller with the quantizer's own dequantize). The upper candidate
+// hi = clamp(floor(-steps * log2(x / scale)), 0, zero_code) is read from the float's
+// exponent and mantissa instead of a log2 call; where float rounding could put it one
+// code off (x within rounding of a level) both candidate pairs hold that level and it is
+// the nearer one, so the chosen level is the same.
+FQ_CLONES void fake_quant_log_span(const float* x, float* out, int64_t n, float scale, int steps, int zero_code,
+                                   const float* levels) {
+  constexpr float kSqrt2 = 1.41421356237309504880f;
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = x[j];
+    const float r = std::max(v / scale, 1e-30f);
+    int e;
+    const float m = 2.0f * std::frexp(r, &e);  // r = m * 2^(e-1), m in [1, 2)
+    const int p = e - 1;
+    // floor(-steps * log2(r)) = -steps * p - ceil(steps * log2(m)) for m in [1, 2)
+    int up = 0;
+    if (m > 1.0f) up = (steps == 1) ? 1 : (m > kSqrt2 ? 2 : 1);
+    int hi = -steps * p - up;
+    hi = std::min(std::max(hi, 0), zero_code);
+    const int lo = std::min(hi + 1, zero_code);
+    const float hv = levels[hi], lv = levels[lo];
+    const float q = (std::fabs(hv - v) <= std::fabs(v - lv)) ? hv : lv;
+    out[j] = (q - v) + v;
+  }
+}
+
+at::Tensor fake_quant_log(const at::Tensor& x, double scale, int64_t steps, const at::Tensor& levels) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat,
+              "fake_quant_log: x must be a float32 CPU tensor, got ", x.scalar_type(), " on ", x.device());
+  TORCH_CHECK(steps == 1 || steps == 2, "fake_quant_log: steps per octave must be 1 or 2, got ", steps);
+  TORCH_CHECK(levels.scalar_type() == at::kFloat && levels.dim() == 1 && levels.is_contiguous() &&
+                  levels.numel() >= 2 && levels.numel() <= 65536,
+              "fake_quant_log: levels must be a contiguous float32 vector of 2..65536 values");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty_like(xc);
+  const float* xp = xc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float* lv = levels.data_ptr<float>();
+  const int zero_code = static_cast<int>(levels.numel() - 1);
+  const float s = static_cast<float>(scale);
+  constexpr int64_t kSpan = 4096;
   const int64_t n = xc.numel();
   at::parallel_for(0, (n + kSpan - 1) / kSpan, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t lo = t * kSpan, len = std::min(kSpan, n - lo);
-      fake_quant_span(xp + lo, op + lo, len, s, z, qmax);
+      const int64_t lo = t * kSpan;
+      fake_quant_log_span(xp + lo, op + lo, std::min(kSpan, n - lo), s, static_cast<int>(steps), zero_code, lv);
     }
   });
   return out;
@@ -229,6 +293,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weight_t"), py::arg("a_bits"), py::arg("w_corr"), py::arg("b_sum"), py::arg("w_scale"),
         py::arg("bias"));
   m.def("fake_quant_uniform", &fake_quant_uniform,
-        "(clamp(round(x / s) + z, 0, 2^bits - 1) - z) * s in one pass (contiguous float32 out)", py::arg("x"),
-        py::arg("scale"), py::arg("zero_point"), py::arg("bits"));
+        "(clamp(round(x / s) + z, 0, 2^bits - 1) - z) * s in one pass, s and z per tensor or per channel "
+        "(contiguous float32 out)",
+        py::arg("x"), py::arg("scale"), py::arg("zero_point"), py::arg("inner"), py::arg("bits"));
+  m.def("fake_quant_log", &fake_quant_log, "a log quantizer's nearest level, (xq - x) + x, in one pass",
+        py::arg("x"), py::arg("scale"), py::arg("steps"), py::arg("levels"));
 }

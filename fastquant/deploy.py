@@ -26,13 +26,15 @@ the PyTorch twin it is tested against and the path used when the extension is no
 Layers the integer path cannot express (a per-channel input step, weights or inputs
 wider than 8 bits, a non-uniform quantizer) keep their fake-quant module; ``convert``
 reports them. Attention matmuls, the patch embedding and the normalisations stay as in
-the fake-quant model (float math; the attention operands' per-tensor fake quantization in
-one pass of the CPU extension, ``KernelFakeQuant``), so the converted model's outputs equal the fake-quant
+the fake-quant model (float math; the attention operands' fake quantization, uniform per
+tensor or per head and the softmax's log quantizers, in one pass each of the CPU
+extension: ``KernelFakeQuant``, ``KernelLogQuant``), so the converted model's outputs equal the fake-quant
 model's up to float rounding (the integer sums are exact; tests bound the difference).
 """
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -40,7 +42,7 @@ from torch import nn
 from . import backends
 from .errors import FastquantError
 from .modules import QuantLinear, QuantMatMul, _adopt
-from .quantizers import UniformQuantizer, range_to_qparams
+from .quantizers import LogQuantizer, UniformQuantizer, range_to_qparams
 
 BACKENDS = ("auto", "cpu", "triton", "cuda")
 
@@ -215,24 +217,59 @@ class Int8Linear(nn.Module):
         return acc
 
 
+def _kernels_apply(x: torch.Tensor) -> bool:
+    return (backends.CPU_EXT_AVAILABLE and x.device.type == "cpu" and x.dtype == torch.float32
+            and not (torch.is_grad_enabled() and x.requires_grad))
+
+
 class KernelFakeQuant(UniformQuantizer):
-    """A calibrated per-tensor :class:`UniformQuantizer` of a deployed model (the attention
-    operands) whose forward runs the one-pass CPU kernel when it can: float32 CPU input,
-    no gradient wanted. Same buffers and state-dict names as the quantizer it replaces;
-    the result equals ``UniformQuantizer.forward`` exactly (same float operations)."""
+    """A calibrated :class:`UniformQuantizer` of a deployed model's attention (one step per
+    tensor or per head) whose forward runs the one-pass CPU kernel when it can: float32 CPU
+    input, no gradient wanted. Same buffers and state-dict names as the quantizer it
+    replaces; the result equals ``UniformQuantizer.forward`` exactly (same float operations)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.mode == "quant" and backends.CPU_EXT_AVAILABLE and x.device.type == "cpu"
-                and x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad)):
+        if self.mode == "quant" and _kernels_apply(x):
+            inner = self._inner(x)
+            if inner:
+                from fastquant import _C_cpu
+
+                return _C_cpu.fake_quant_uniform(x, self.scale.reshape(-1).float().contiguous(),
+                                                 self.zero_point.reshape(-1).float().contiguous(), inner, self.bits)
+        return super().forward(x)
+
+    def _inner(self, x: torch.Tensor) -> int:
+        """Elements per channel run of contiguous x, or 0 if the steps do not fit the kernel."""
+        if self.scale.numel() == 1:
+            return x.numel()
+        dims = [d for d, n in enumerate(self.scale.shape) if n > 1]
+        if self.scale.dim() != x.dim() or len(dims) != 1 or x.shape[dims[0]] != self.scale.shape[dims[0]]:
+            return 0
+        return math.prod(x.shape[dims[0] + 1:])
+
+
+class KernelLogQuant(LogQuantizer):
+    """A calibrated :class:`LogQuantizer` (the softmax probabilities) of a deployed model
+    whose forward runs the one-pass CPU kernel when it can. Same buffers as the quantizer
+    it replaces; the kernel picks the same level (see ``csrc/cpu_int8.cpp``) and returns
+    ``(xq - x) + x`` as ``LogQuantizer.forward`` does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "quant" and _kernels_apply(x):
             from fastquant import _C_cpu
 
-            return _C_cpu.fake_quant_uniform(x, float(self.scale), float(self.zero_point), self.bits)
+            levels = self.dequantize(torch.arange(self.zero_code + 1, device=x.device)).float().contiguous()
+            return _C_cpu.fake_quant_log(x, float(self.scale), self.steps_per_octave, levels)
         return super().forward(x)
 
 
 def _kernel_quantizer(q: nn.Module):
-    if type(q) is UniformQuantizer and not q.per_token and q.scale.numel() == 1 and q.mode == "quant":
+    if getattr(q, "mode", None) != "quant":
+        return q
+    if type(q) is UniformQuantizer and not q.per_token:
         return _adopt(KernelFakeQuant, q)
+    if type(q) is LogQuantizer:
+        return _adopt(KernelLogQuant, q)
     return q
 
 

@@ -6,7 +6,7 @@ from torch import nn
 import fastquant
 from fastquant.deploy import Int8Linear, convert, why_not_int8
 from fastquant.evaluate import evaluate
-from fastquant.modules import QuantLinear
+from fastquant.modules import QuantLinear, _adopt
 from fastquant.quantizers import UniformQuantizer
 
 
@@ -101,8 +101,9 @@ def test_fused_cpu_kernels_check_their_inputs():
 
 
 def test_attention_fake_quant_kernel_equals_the_quantizer(tiny_w8a8):
-    """convert() gives the attention operands' per-tensor quantizers the one-pass kernel;
-    it computes exactly what UniformQuantizer.forward does (same float operations)."""
+    """convert() gives the attention operands' quantizers one-pass kernels; they compute
+    exactly what UniformQuantizer.forward does (same float operations), per tensor and
+    per head."""
     from fastquant import backends
     from fastquant.deploy import KernelFakeQuant
 
@@ -116,6 +117,36 @@ def test_attention_fake_quant_kernel_equals_the_quantizer(tiny_w8a8):
         with torch.no_grad():
             assert torch.equal(q(x), UniformQuantizer.forward(q, x))
         assert set(q.state_dict()) == set(UniformQuantizer(8).state_dict())  # saved under the same names
+    per_head = _adopt(KernelFakeQuant, UniformQuantizer(4, (1, 3, 1, 1)))
+    per_head.set_qparams(torch.tensor([0.1, 0.3, 0.05]), torch.tensor([7.0, 3.0, 12.0]))
+    assert per_head._inner(x) == 197 * 64
+    with torch.no_grad():
+        assert torch.equal(per_head(x), UniformQuantizer.forward(per_head, x))
+    assert per_head._inner(torch.zeros(3, 5)) == 0  # steps that do not fit: the PyTorch path
+
+
+@pytest.mark.parametrize("bits,base", [(8, "2"), (4, "2"), (4, "sqrt2"), (6, "sqrt2"), (3, "2")])
+def test_log_quant_kernel_equals_the_quantizer(bits, base):
+    """The softmax's log quantizer in one pass: the same level as LogQuantizer.forward for
+    softmax rows, exact levels, midpoints between levels, zero, and values above the scale."""
+    from fastquant import backends
+    from fastquant.deploy import KernelLogQuant
+    from fastquant.quantizers import LogQuantizer
+
+    if not backends.CPU_EXT_AVAILABLE:
+        pytest.skip(backends.CPU_EXT_REASON)
+    q = _adopt(KernelLogQuant, LogQuantizer(bits, base))
+    q.scale.fill_(0.9)
+    q.mode = "quant"
+    levels = q.dequantize(torch.arange(q.zero_code + 1))
+    mids = (levels[:-1] + levels[1:]) / 2
+    special = torch.cat([levels, mids, torch.nextafter(mids, torch.zeros(())), torch.nextafter(levels, torch.ones(())),
+                         torch.tensor([0.0, 1.0, 0.95, 1e-30, 1e-40, -0.5])])
+    probs = torch.softmax(torch.randn(2, 3, 197, 197) * 4, -1)
+    for x in (special, probs, probs.transpose(-1, -2)):
+        with torch.no_grad():
+            got, ref = q(x), LogQuantizer.forward(q, x)
+        assert torch.equal(got, ref), (got - ref).abs().max()
 
 
 def test_int8_linear_refuses_what_it_cannot_express():
