@@ -56,13 +56,20 @@ def _cuda_build_blocker():
     return None
 
 
+def _env_mode(var: str, what: str) -> str:
+    """'' (default), '0' (skip, said on one line) or '1' (required) from the variable ``var``."""
+    mode = os.environ.get(var, "").strip()
+    if mode not in ("", "0", "1"):
+        sys.exit(f"fastquant: {var} must be 0 or 1, got {mode!r}")
+    if mode == "0":
+        print(f"fastquant: skipping {what}: {var}=0", file=sys.stderr)
+    return mode
+
+
 def cuda_extensions():
     """``(ext_modules, cmdclass)`` for the CUDA extension, or empty ones with a reason."""
-    mode = os.environ.get("FASTQUANT_CUDA", "").strip()
-    if mode not in ("", "0", "1"):
-        sys.exit(f"fastquant: FASTQUANT_CUDA must be 0 or 1, got {mode!r}")
+    mode = _env_mode("FASTQUANT_CUDA", "CUDA extension")
     if mode == "0":
-        print("fastquant: skipping CUDA extension: FASTQUANT_CUDA=0", file=sys.stderr)
         return [], {}
     blocker = _cuda_build_blocker()
     if blocker is not None:
@@ -89,11 +96,8 @@ def cuda_extensions():
 
 def cpu_extensions():
     """The CPU extension (optional: a failed build leaves the PyTorch path), or none."""
-    mode = os.environ.get("FASTQUANT_CPU_EXT", "").strip()
-    if mode not in ("", "0", "1"):
-        sys.exit(f"fastquant: FASTQUANT_CPU_EXT must be 0 or 1, got {mode!r}")
+    mode = _env_mode("FASTQUANT_CPU_EXT", "CPU extension")
     if mode == "0":
-        print("fastquant: skipping CPU extension: FASTQUANT_CPU_EXT=0", file=sys.stderr)
         return []
     try:
         from torch.utils.cpp_extension import CppExtension

@@ -24,31 +24,22 @@ import torch
 
 from fastquant.kernels import TRITON_AVAILABLE, TRITON_REASON
 
-try:
-    importlib.import_module("fastquant._C_cpu")
-except ImportError as exc:
-    CPU_EXT_AVAILABLE = False
-    if isinstance(exc, ModuleNotFoundError) and exc.name == "fastquant._C_cpu":
-        CPU_EXT_REASON = ("fastquant._C_cpu is not built (reinstall fastquant with a C++ compiler; "
-                          "FASTQUANT_CPU_EXT=1 makes a failed build an error)")
-    else:
-        CPU_EXT_REASON = f"fastquant._C_cpu failed to load ({exc})"
-else:
-    CPU_EXT_AVAILABLE = True
-    CPU_EXT_REASON = ""
 
-try:
-    importlib.import_module("fastquant._C")
-except ImportError as exc:
-    CUDA_EXT_AVAILABLE = False
-    if isinstance(exc, ModuleNotFoundError) and exc.name == "fastquant._C":
-        CUDA_EXT_REASON = ("fastquant._C is not built (it needs a CUDA build of torch and a CUDA "
-                           "toolkit at install time)")
-    else:
-        CUDA_EXT_REASON = f"fastquant._C failed to load ({exc})"
-else:
-    CUDA_EXT_AVAILABLE = True
-    CUDA_EXT_REASON = ""
+def _probe(name: str, not_built: str) -> tuple[bool, str]:
+    """(importable, reason if not) for a compiled extension module of fastquant."""
+    try:
+        importlib.import_module(name)
+    except ImportError as exc:
+        if isinstance(exc, ModuleNotFoundError) and exc.name == name:
+            return False, f"{name} is not built ({not_built})"
+        return False, f"{name} failed to load ({exc})"
+    return True, ""
+
+
+CPU_EXT_AVAILABLE, CPU_EXT_REASON = _probe(
+    "fastquant._C_cpu", "reinstall fastquant with a C++ compiler; FASTQUANT_CPU_EXT=1 makes a failed build an error")
+CUDA_EXT_AVAILABLE, CUDA_EXT_REASON = _probe(
+    "fastquant._C", "it needs a CUDA build of torch and a CUDA toolkit at install time")
 
 __all__ = ["TRITON_AVAILABLE", "TRITON_REASON", "CPU_EXT_AVAILABLE", "CPU_EXT_REASON", "CUDA_EXT_AVAILABLE",
            "CUDA_EXT_REASON",

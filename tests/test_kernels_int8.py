@@ -7,19 +7,14 @@ tests in this process may already have imported it without the variable; so the
 interpreter cases run in one child process started with TRITON_INTERPRET=1, and each
 case is reported as its own test here.
 """
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from _interp import run_interpreted  # tests/_interp.py (the tests folder is on sys.path)
 
 from fastquant import backends
 from fastquant.ops import quantize_per_token_int8, torch_quantize_per_token_int8
 
-REPO = Path(__file__).resolve().parents[1]
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -81,12 +76,7 @@ json.dump(report, sys.stdout)
 
 @pytest.fixture(scope="module")
 def interpreter_report():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", _CHILD, __file__], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout)
+    return run_interpreted(_CHILD, __file__)
 
 
 # --- the reference ------------------------------------------------------------------

@@ -6,19 +6,14 @@ as its own test. Quantization is compared bit for bit; the GEMM's float32 epilog
 float32 rounding (the compiler may contract it into fused multiply-adds), and an fp16 or
 bf16 output within one unit in the last place of the correctly rounded reference.
 """
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from _interp import run_interpreted  # tests/_interp.py (the tests folder is on sys.path)
 
 from fastquant.deploy import Int8Linear
 from fastquant.ops.int8_linear import torch_int8_gemm, torch_quantize_asym
 
-REPO = Path(__file__).resolve().parents[1]
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 # name -> (code building x, bits, calibrated (scale, zero) or None, keyword arguments)
@@ -85,8 +80,7 @@ for name, (m, k, n, bias, out, blocks) in cases.GEMM_CASES.items():
         "within": bool((err <= eps * ref32.abs() + 1e-6 * ref32.abs().max()).all()),
     }
 # The deployed layer with backend "triton" (the interpreter runs it on CPU tensors).
-sys.path.insert(0, str(__import__("pathlib").Path(sys.argv[1]).parent))
-from test_deploy import _layer
+from test_deploy import _layer  # the tests folder is on the child's PYTHONPATH
 from fastquant.deploy import Int8Linear
 report["layer"] = {}
 for w_bits, per_token in ((4, False), (4, True), (8, True)):
@@ -105,12 +99,7 @@ json.dump(report, sys.stdout)
 
 @pytest.fixture(scope="module")
 def report():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", _CHILD, __file__], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout)
+    return run_interpreted(_CHILD, __file__)
 
 
 def test_twins_compose_to_the_deployed_layer():
