@@ -26,10 +26,11 @@ the PyTorch twin it is tested against and the path used when the extension is no
 Layers the integer path cannot express (a per-channel input step, weights or inputs
 wider than 8 bits, a non-uniform quantizer) keep their fake-quant module; ``convert``
 reports them. Attention matmuls, the patch embedding and the normalisations stay as in
-the fake-quant model (float math; the attention operands' fake quantization, uniform per
-tensor or per head and the softmax's log quantizers, in one pass each of the CPU
-extension: ``KernelFakeQuant``, ``KernelLogQuant``), so the converted model's outputs equal the fake-quant
-model's up to float rounding (the integer sums are exact; tests bound the difference).
+the fake-quant model (float math; on the CPU the attention operands' fake quantization,
+uniform per tensor or per head and the softmax's log quantizers, runs in one pass each
+of the CPU extension: ``KernelFakeQuant``, ``KernelLogQuant``), so the converted model's
+outputs equal the fake-quant model's up to float rounding (the integer sums are exact;
+tests bound the difference).
 """
 from __future__ import annotations
 
@@ -99,8 +100,9 @@ class Int8Linear(nn.Module):
         self.backend = "cpu"
         self.use_kernels = True
         # backend "triton" with weights of at most 4 bits: the codes two per byte, which the
-        # Triton GEMM unpacks (kernels/int8_linear.py pack_int4_t); set by set_backend.
-        self.weight_packed = None
+        # Triton GEMM unpacks (kernels/int8_linear.py pack_int4_t); set by set_backend. A
+        # buffer so that .to() moves it; not saved (fastquant.save stores the codes).
+        self.register_buffer("weight_packed", None, persistent=False)
 
     def set_backend(self, backend: str) -> "Int8Linear":
         self.backend = backend
