@@ -43,7 +43,8 @@ from torch import nn
 from . import backends
 from .errors import FastquantError
 from .modules import QuantLinear, QuantMatMul, _adopt
-from .quantizers import LogQuantizer, UniformQuantizer, range_to_qparams
+from .ops.int8_linear import torch_quantize_asym
+from .quantizers import LogQuantizer, UniformQuantizer
 
 BACKENDS = ("auto", "cpu", "triton", "cuda")
 
@@ -199,19 +200,14 @@ class Int8Linear(nn.Module):
     def reference(self, x2: torch.Tensor) -> torch.Tensor:
         """The PyTorch path for ``x2`` [rows, in_features] (float32 out): the oracle the
         fused CPU kernels are tested against, and the path on other devices."""
-        x2 = x2.float()
-        qmax, o = (1 << self.a_bits) - 1, _offset(self.a_bits)
         if self.per_token:
-            s_x, z_x = range_to_qparams(x2.amin(1, keepdim=True), x2.amax(1, keepdim=True), qmax)
-            a = torch.clamp(torch.round(x2 / s_x) + z_x, 0, qmax) - o
+            a8, row, s_x, c_x = torch_quantize_asym(x2, self.a_bits)
         else:
-            a = torch.round(x2 / self.x_scale).add_(self.x_zero).clamp_(0, qmax).sub_(o)
-        a8 = a.to(torch.int8)
+            a8, row, _, _ = torch_quantize_asym(x2, self.a_bits, self.x_scale, self.x_zero)
         acc = torch._int_mm(a8, self.weight_t).float()
-        row = a.sum(1)  # exact: integers, fewer than 2^24 in magnitude
-        acc.addr_(row, self.w_corr)
+        acc.addr_(row.float(), self.w_corr)  # exact row sums: integers below 2^24 in magnitude
         if self.per_token:
-            acc.add_((o - z_x) * self.b_sum).mul_(s_x * self.w_scale)
+            acc.add_(c_x[:, None] * self.b_sum).mul_(s_x[:, None] * self.w_scale)
             if self.bias is not None:
                 acc.add_(self.bias)
         else:

@@ -1,8 +1,9 @@
 """PyTorch reference twins of the deployed int8 linear kernels (``kernels/int8_linear.py``).
 
 The contract is in that module's docstring; these functions implement it with plain
-PyTorch ops and are the oracle the Triton kernels are tested against. ``Int8Linear``
-(fastquant.deploy) computes the same layer, folding the per-tensor case's constants.
+PyTorch ops and are the oracle the Triton kernels are tested against.
+``Int8Linear.reference`` (fastquant.deploy) quantizes with ``torch_quantize_asym`` and
+computes the same epilogue, with the per-tensor case's constants folded.
 """
 from __future__ import annotations
 
