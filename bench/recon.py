@@ -4,11 +4,13 @@ dinov2-s14-fmnist at a given budget.
     python bench/recon.py [--settings 4/4,3/3] [--budget cpu] [--eval-size 2000]
                           [--methods rtn,repq,brecq,qdrop,pfcr,pfcr-nopos,mgrq]
 
+    python bench/recon.py --settings 3/3 --methods pfcr-level0,pfcr-carry1 --name pfcr_ablation
+
 Runs `fastquant quantize` once per (method, setting) with --json (`pfcr-nopos` is
-`--method pfcr --no-pos`), keeps each run's JSON in bench/results/runs/ and reuses it on a
+`--method pfcr --no-pos`; the other PFCR variants in VARIANTS add `--recon-set` options), keeps each run's JSON in bench/results/runs/ and reuses it on a
 rerun (delete it to measure again; `--table-only` runs nothing); a reconstruction
 stopped part-way resumes from its state in bench/results/state/ (the quantize time then
-counts only the resumed part: the JSON's `recon_resumed_from` says so). Then it writes bench/results/recon_<model>_<budget>.json
+counts only the resumed part: the JSON's `recon_resumed_from` says so). Then it writes bench/results/recon_<model>_<budget>[_<name>].json
 and prints a Markdown table with each row's budget, steps per unit and wall time.
 """
 from __future__ import annotations
@@ -22,18 +24,26 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RECON = ("brecq", "qdrop", "pfcr", "pfcr-nopos", "mgrq")
+# Rows that are a method plus extra options: the PFCR ablations (see the README).
+VARIANTS = {
+    "pfcr-nopos": ("pfcr", ["--no-pos"]),
+    "pfcr-carry1": ("pfcr", ["--recon-set", "carry=1.0"]),      # keep the previous level's rounding as is
+    "pfcr-level0": ("pfcr", ["--recon-set", "stop_at=0"]),      # attention and MLP units only
+    "pfcr-nodrop": ("pfcr", ["--recon-set", "qdrop_p=0.0"]),    # no QDrop (as brecq)
+    "pfcr-nopos-carry1": ("pfcr", ["--no-pos", "--recon-set", "carry=1.0"]),
+    "pfcr-nopos-nodrop": ("pfcr", ["--no-pos", "--recon-set", "qdrop_p=0.0"]),
+}
+RECON = ("brecq", "qdrop", "pfcr", "mgrq", *VARIANTS)
 STATE = ROOT / "bench" / "results" / "state"  # reconstruction states of unfinished runs (not committed)
 
 
 def command(model, method, w, a, budget, eval_size, js, state=None):
-    base = "pfcr" if method == "pfcr-nopos" else method
+    base, extra = VARIANTS.get(method, (method, []))
     cmd = [sys.executable, "-m", "fastquant.cli", "quantize", "--model", model, "--data", "fmnist",
            "--method", base, "--w-bits", str(w), "--a-bits", str(a), "--eval-size", str(eval_size)]
     if method in RECON:
         cmd += ["--budget", budget]
-    if method == "pfcr-nopos":
-        cmd += ["--no-pos"]
+    cmd += extra
     if state is not None:
         cmd += ["--state-dir", str(state)] + (["--resume"] if (state / "recon_state.pt").is_file() else [])
     return cmd + ["--json", str(js)]
@@ -45,13 +55,19 @@ def main(argv=None):
     p.add_argument("--settings", default="4/4,3/3")
     p.add_argument("--budget", default="cpu", choices=("cpu", "full"))
     p.add_argument("--eval-size", type=int, default=2000)
-    p.add_argument("--methods", default="rtn,repq,brecq,qdrop,pfcr,pfcr-nopos,mgrq")
+    p.add_argument("--methods", default="rtn,repq,brecq,qdrop,pfcr,pfcr-nopos,mgrq",
+                   help=f"rows: rtn, repq, brecq, qdrop, pfcr, mgrq and the PFCR variants {', '.join(VARIANTS)}")
+    p.add_argument("--name", default="", help="suffix of the summary file: recon_<model>_<budget>[_NAME].json "
+                                              "(keeps the main table apart from ablation runs)")
     p.add_argument("--table-only", action="store_true",
                    help="run nothing: make the table from the finished runs, listing the missing ones")
     args = p.parse_args(argv)
     runs = ROOT / "bench" / "results" / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     STATE.mkdir(parents=True, exist_ok=True)
+    unknown = [m for m in args.methods.split(",") if m not in ("rtn", "repq", *RECON)]
+    if unknown:
+        sys.exit(f"unknown rows: {', '.join(unknown)} (see --help)")
     records = []
     for setting in args.settings.split(","):
         w, a = (int(v) for v in setting.split("/"))
@@ -72,7 +88,7 @@ def main(argv=None):
             records.append(rec)
     if not records:
         sys.exit("no finished runs to tabulate")
-    out = ROOT / "bench" / "results" / f"recon_{args.model}_{args.budget}.json"
+    out = ROOT / "bench" / "results" / f"recon_{args.model}_{args.budget}{'_' + args.name if args.name else ''}.json"
     meta = {"machine": platform.processor() or platform.machine(), "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d"), "budget": args.budget, "records": records}
     out.write_text(json.dumps(meta, indent=2) + "\n")

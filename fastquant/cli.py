@@ -5,6 +5,7 @@ User mistakes print one line, ``error: ...``, and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import json
 import os
@@ -52,6 +53,18 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+def _recon_setting(text: str) -> tuple[str, object]:
+    """KEY=VALUE for --recon-set: VALUE as a Python literal (number, True/False, None, a tuple), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        parsed = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        parsed = value.strip()
+    return key.strip(), parsed
+
+
 def _add_model_args(p: argparse.ArgumentParser, from_file: bool = False):
     p.add_argument("--model", default=None if from_file else "dinov2-s14-fmnist",
                    help="dinov2-s14-fmnist, vit-tiny-fmnist, or any timm model name "
@@ -91,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "images, 20,000 steps per unit, PFCR up to one unit) (default: full with CUDA, else cpu)")
     r.add_argument("--iters", type=_positive, help="steps per unit (default: the budget's)")
     r.add_argument("--no-pos", action="store_true", help="pfcr without its progressive optimisation strategy")
+    r.add_argument("--recon-set", type=_recon_setting, action="append", default=[], metavar="KEY=VALUE",
+                   help="set a field of fastquant.recon.ReconConfig, e.g. carry=1.0, stop_at=0, qdrop_p=0 "
+                        "(repeatable; applied after the budget and --no-pos)")
     r.add_argument("--state-dir", type=Path, help="save the reconstruction state here after every unit")
     r.add_argument("--resume", action="store_true", help="continue the reconstruction saved in --state-dir")
     r.add_argument("--plot", type=Path, help="write a PNG of every unit's loss across levels")
@@ -145,6 +161,7 @@ def cmd_quantize(args) -> dict:
     cfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, method=args.method, per_token=args.per_token)
     reconstructs = cfg.method in RECON_METHODS
     given = [flag for flag, on in (("--budget", args.budget), ("--iters", args.iters), ("--no-pos", args.no_pos),
+                                   ("--recon-set", args.recon_set),
                                    ("--state-dir", args.state_dir), ("--resume", args.resume), ("--plot", args.plot))
              if on]
     if given and not reconstructs:
@@ -171,6 +188,7 @@ def cmd_quantize(args) -> dict:
         rcfg = ReconConfig(method=cfg.method, iters=args.iters or preset["iters"], seed=args.seed,
                            pos=False if args.no_pos else None, stop_at=preset["pfcr_stop_at"],
                            global_batch=preset["mgrq_global_batch"] if cfg.method == "mgrq" else None)
+        rcfg = _apply_recon_settings(rcfg, args.recon_set)
     _check_out_path(args.out, "--out")
     _check_out_path(args.json, "--json")
     _check_out_path(args.plot, "--plot")
@@ -227,6 +245,25 @@ def cmd_quantize(args) -> dict:
          if deployed is not None else [])
       + ([("saved", str(args.out))] if args.out else [])))
     return result
+
+
+def _apply_recon_settings(rcfg, settings):
+    """ReconConfig with the --recon-set fields replaced (ReconConfig validates the values)."""
+    import dataclasses
+
+    if not settings:
+        return rcfg
+    names = [f.name for f in dataclasses.fields(rcfg)]
+    for key, _ in settings:
+        if key not in names:
+            raise FastquantError(f"--recon-set {key}: not a reconstruction setting "
+                                 f"(one of {', '.join(n for n in names if n != 'method')})")
+        if key == "method":
+            raise FastquantError("--recon-set method: choose the method with --method")
+    changes = dict(settings)
+    if "beta" in changes and isinstance(changes["beta"], list):
+        changes["beta"] = tuple(changes["beta"])
+    return dataclasses.replace(rcfg, **changes)
 
 
 def cmd_eval(args) -> dict:

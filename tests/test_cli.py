@@ -105,6 +105,12 @@ def bad_ckpt(tmp_path):
     (["--method", "qdrop", "--no-pos"], "--no-pos applies to pfcr only"),
     (["--method", "qdrop", "--resume"], "--resume needs --state-dir"),
     (["--method", "qdrop", "--iters", "0"], "positive"),
+    (["--method", "pfcr", "--recon-set", "carry"], "expected KEY=VALUE"),
+    (["--method", "pfcr", "--recon-set", "speed=11"], "--recon-set speed: not a reconstruction setting"),
+    (["--method", "pfcr", "--recon-set", "carry=2"], "carry must be in [0, 1]"),
+    (["--method", "pfcr", "--recon-set", "w_rec=0"], "all zero"),
+    (["--method", "pfcr", "--recon-set", "method=brecq"], "choose the method with --method"),
+    (["--method", "repq", "--recon-set", "carry=1"], "only for the reconstruction methods"),
     (["--deploy", "cuda"], "not implemented yet"),
     *([(["--deploy", "triton"], "needs a CUDA GPU")] if not torch.cuda.is_available() else []),
     (["--deploy", "fpga"], "invalid choice"),
@@ -158,3 +164,15 @@ def test_reconstruction_method_records_budget_and_resumes(capsys, tmp_path):
     code, _, err = run(capsys, *args, "--resume", "--json", str(tmp_path / "c.json"))
     assert code == 0, err
     assert json.loads((tmp_path / "c.json").read_text())["q_top1"] == r["q_top1"]
+
+
+def test_recon_set_changes_the_reconstruction(capsys, tmp_path):
+    """--recon-set stop_at=0 leaves PFCR at its first level (an attention and an MLP unit
+    per block) and the JSON records the setting."""
+    code, _, err = run(capsys, "quantize", *TINY, "--method", "pfcr", "--w-bits", "4", "--a-bits", "4",
+                       "--iters", "2", "--calib-size", "16", "--recon-set", "stop_at=0", "--recon-set", "carry=1.0",
+                       "--json", str(tmp_path / "r.json"))
+    assert code == 0, err
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["recon_config"]["stop_at"] == 0 and r["recon_config"]["carry"] == 1.0
+    assert len(r["recon_units"]) == 8 and {u["level"] for u in r["recon_units"]} == {0}
