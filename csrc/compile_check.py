@@ -2,12 +2,15 @@
 
     python csrc/compile_check.py            # every .cu file, both architectures
     python csrc/compile_check.py quant_int8.cu
+    python csrc/compile_check.py --no-bindings    # skip the syntax check of bindings.cpp
 
 The .cu files include no torch header, so each compiles in a few seconds with plain nvcc
 and errors such as Hopper-only instructions in an sm_80 build are caught on a CPU-only
 machine. Objects go to a temporary directory. nvcc is taken from $NVCC, then
 $CUDA_HOME/bin, then PATH. Prints one line per file and architecture; exit status 1 if
-anything failed, 2 if nvcc is missing.
+anything failed, 2 if nvcc is missing. With no file named, bindings.cpp (the torch side)
+is also syntax-checked with the host compiler (``check_bindings``): the CUDA extension
+itself can only be built against a CUDA build of torch.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent
@@ -40,11 +44,50 @@ def find_nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
+def check_bindings(nvcc: str) -> bool | None:
+    """Syntax-check bindings.cpp (torch, pybind11 and the launcher headers) with the host
+    C++ compiler against this torch's headers and the CUDA toolkit's runtime headers. A CPU
+    build of torch lacks one generated header of c10/cuda (cuda_cmake_macros.h), which an
+    empty stand-in replaces. Prints one line; True when it passed, None when it cannot run here."""
+    try:
+        import sysconfig
+
+        from torch.utils.cpp_extension import include_paths
+    except ImportError as exc:
+        print(f"skip  bindings.cpp  (torch is not importable: {exc})")
+        return None
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    homes = [Path(nvcc).resolve().parent.parent, Path(os.environ.get("CUDA_HOME") or "/usr/local/cuda")]
+    found = [h / "include" for h in homes if (h / "include" / "cuda_runtime.h").exists()]
+    if cxx is None or not found:
+        print("skip  bindings.cpp  (no C++ compiler, or no cuda_runtime.h under "
+              f"{' or '.join(str(h / 'include') for h in homes)})")
+        return None
+    cuda_include = found[0]
+    with tempfile.TemporaryDirectory(prefix="fastquant-bindings-") as stub:
+        macros = Path(stub) / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+        if not any((Path(p) / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists() for p in include_paths()):
+            macros.parent.mkdir(parents=True)
+            macros.write_text("#pragma once\n")
+        cmd = [cxx, "-std=c++20", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=_C", f"-I{CSRC}",
+               *(f"-I{p}" for p in include_paths()), f"-I{stub}", f"-I{sysconfig.get_paths()['include']}",
+               f"-I{cuda_include}", str(CSRC / "bindings.cpp")]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    ok = proc.returncode == 0
+    print(f"{'ok  ' if ok else 'FAIL'}  bindings.cpp  syntax  {time.perf_counter() - start:.1f} s", flush=True)
+    if not ok:
+        print("      " + " ".join(cmd))
+        print("      " + (proc.stderr + proc.stdout).strip().replace("\n", "\n      "))
+    return ok
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="*", help="file names in csrc/ (default: every .cu)")
     parser.add_argument("--arch", action="append", choices=sorted(ARCHS),
                         help="repeatable; default: all of them")
+    parser.add_argument("--no-bindings", action="store_true", help="skip the syntax check of bindings.cpp")
     args = parser.parse_args(argv)
 
     nvcc = find_nvcc()
@@ -58,25 +101,35 @@ def main(argv=None) -> int:
         return 1
     archs = args.arch or list(ARCHS)
 
+    jobs = [(path, arch) for path in files for arch in archs]
     failures = 0
     with tempfile.TemporaryDirectory(prefix="fastquant-nvcc-") as tmp:
-        for path in files:
-            for arch in archs:
-                out = Path(tmp) / f"{path.stem}.{arch}.o"
-                cmd = [nvcc, *FLAGS, ARCHS[arch], f"-I{CSRC}", str(path), "-o", str(out)]
-                start = time.perf_counter()
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                seconds = time.perf_counter() - start
+        def compile_one(job):
+            path, arch = job
+            out = Path(tmp) / f"{path.stem}.{arch}.o"
+            cmd = [nvcc, *FLAGS, ARCHS[arch], f"-I{CSRC}", str(path), "-o", str(out)]
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            return cmd, proc, time.perf_counter() - start
+
+        # nvcc runs single-threaded: one compile per core.
+        with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+            for (path, arch), (cmd, proc, seconds) in zip(jobs, pool.map(compile_one, jobs)):
                 ok = proc.returncode == 0
                 failures += not ok
-                status = "ok  " if ok else "FAIL"
-                print(f"{status}  {path.name}  {arch}  {seconds:.1f} s", flush=True)
+                print(f"{'ok  ' if ok else 'FAIL'}  {path.name}  {arch}  {seconds:.1f} s", flush=True)
                 if not ok:
                     print("      " + " ".join(cmd))
                 messages = (proc.stderr + proc.stdout).strip()
                 if messages:  # the errors, or the warnings of a build that passed
                     print("      " + messages.replace("\n", "\n      "))
-    print(f"{len(files) * len(archs) - failures} compiled, {failures} failed")
+    total = len(jobs)
+    if not args.files and not args.no_bindings:
+        ok = check_bindings(nvcc)
+        if ok is not None:
+            total += 1
+            failures += not ok
+    print(f"{total - failures} compiled, {failures} failed")
     return 1 if failures else 0
 
 
