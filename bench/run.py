@@ -17,7 +17,9 @@ images (rtn). Ratios are measured side by side in one run.
 kernels: the Triton/CUDA kernels against the PyTorch reference (needs a CUDA device;
 skipped with the reason otherwise): per-token int8 quantization, and the W8A8 linear
 layer (Triton quantize + int8 GEMM with the dequantization epilogue) against fp16
-torch.matmul at ViT-S/B shapes (record ``target:w8a8_gemm`` at 12,608 x 768 x 3,072).
+torch.matmul at ViT-S/B shapes (record ``target:w8a8_gemm`` at 12,608 x 768 x 3,072), and
+the fused quantized attention against fp16 scaled_dot_product_attention at batch 64, 197
+tokens, head dim 64, 12 heads (record ``target:attention``) and 6 heads.
 
 Prints tables with the device, versions and commit, and saves everything as JSON
 (default bench/results/run_<device>.json). Records named ``target:...`` hold the
@@ -211,6 +213,7 @@ def bench_kernels(args, device, env) -> list[dict]:
                         "fastquant_ms": fast, "speedup": ref / fast, **env})
         print(f"| quantize_per_token_int8 | {rows}x{cols} | {ref:.3f} | {fast:.3f} | {ref / fast:.2f}x |")
     records += bench_gemm(args, device, env)
+    records += bench_attention(args, device, env)
     return records
 
 
@@ -266,6 +269,60 @@ def bench_gemm(args, device, env) -> list[dict]:
             records.append({"name": "target:w8a8_gemm", "shape": [m, k, n], "speedup": rec["speedup_gemm_vs_fp16"],
                             "baseline": "fp16 torch.matmul (cuBLAS)", "fastquant_ms": ms["gemm"],
                             "baseline_ms": ms["fp16"], **env})
+    return records
+
+
+def bench_attention(args, device, env) -> list[dict]:
+    """The fused quantized attention (Triton: Q, K, V quantized in the kernel, int8 Q K^T,
+    log-quantized softmax, P V) against fp16 scaled_dot_product_attention, at ViT-B and
+    ViT-S attention shapes (batch 64, 197 tokens, head dim 64). Both read q, k, v as the
+    model has them (views of one qkv tensor); the fused kernel also writes the output in
+    the [B, N, H, D] layout the projection reads, which SDPA's caller gets from a
+    transpose-and-copy (timed separately). A6 codes with the log-sqrt2 softmax quantizer
+    (6 bits), fastquant's default at 6-bit activations."""
+    import torch.nn.functional as F
+
+    from fastquant.kernels.attention import triton_quant_attention
+    from fastquant.quantizers import range_to_qparams
+
+    records = []
+    a_bits, p_steps, p_bits = 6, 2, 6
+    print("\n| attention | B x H x N x D | SDPA fp16 ms | SDPA + transpose ms | fastquant ms | vs SDPA |"
+          "\n|---|---|---|---|---|---|")
+    for batch, heads, n, d in ((64, 12, 197, 64), (64, 6, 197, 64)):
+        gen = torch.Generator(device=device).manual_seed(0)
+        qkv = torch.randn(batch, n, 3, heads, d, device=device, dtype=torch.float16, generator=gen)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        qmax = (1 << a_bits) - 1
+        per_head = [range_to_qparams(x.float().transpose(0, 1).reshape(heads, -1).amin(1),
+                                     x.float().transpose(0, 1).reshape(heads, -1).amax(1), qmax) for x in (q, k)]
+        s_v, z_v = range_to_qparams(v.float().amin(), v.float().amax(), qmax)
+        qparams = (*per_head[0], *per_head[1], s_v, z_v)
+        p_scale = torch.ones((), device=device)
+        sm_scale = d ** -0.5
+
+        def fused():
+            return triton_quant_attention(q, k, v, *qparams, a_bits, sm_scale, p_scale, p_steps, p_bits)
+
+        timed = median_ms({
+            "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+            "sdpa_transpose": lambda: F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(
+                batch, n, heads * d),
+            "fastquant": fused,
+        }, args.reps)
+        ms = {key: val[0] for key, val in timed.items()}
+        shape = [batch, heads, n, d]
+        rec = {"name": "kernel:quant_attention", "shape": shape, "a_bits": a_bits, "p_steps": p_steps,
+               "p_bits": p_bits, **{f"{key}_ms": round(val, 4) for key, val in ms.items()},
+               "speedup_vs_sdpa": round(ms["sdpa"] / ms["fastquant"], 3),
+               "speedup_vs_sdpa_transpose": round(ms["sdpa_transpose"] / ms["fastquant"], 3), **env}
+        records.append(rec)
+        print(f"| | {batch}x{heads}x{n}x{d} | {ms['sdpa']:.3f} | {ms['sdpa_transpose']:.3f} | "
+              f"{ms['fastquant']:.3f} | {ms['sdpa'] / ms['fastquant']:.2f}x |", flush=True)
+        if heads == 12:
+            records.append({"name": "target:attention", "shape": shape, "speedup": rec["speedup_vs_sdpa"],
+                            "baseline": "torch sdpa fp16", "fastquant_ms": ms["fastquant"],
+                            "baseline_ms": ms["sdpa"], **env})
     return records
 
 

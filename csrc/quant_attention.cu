@@ -1,9 +1,9 @@
 // Fused quantized attention for inference: Q, K, V quantized in the kernel (uniform, per
 // head for Q and K), Q K^T on int8 tensor cores with the zero-point corrections, softmax
 // in float32, the probabilities log-quantized (log2 or log-sqrt2), and P V on fp16 tensor
-// cores with V's codes (exact in fp16) and P's levels as powers of two; the scales are
-// applied once at the end. Contract: fastquant/ops/attention.py; launcher:
-// quant_attention.h. Torch-free (compile-checked with plain nvcc, csrc/compile_check.py).
+// cores with V's codes (exact in fp16) and P's levels as exact powers of two (log-sqrt2's
+// odd levels in a second product scaled by sqrt(2)); the scales are applied once at the
+// end. Contract: fastquant/ops/attention.py; launcher: quant_attention.h. Torch-free (compile-checked with plain nvcc, csrc/compile_check.py).
 //
 // One block of 4 warps per (batch, head, 64 queries); each warp owns 16 query rows. The
 // whole key range (N <= 256, padded to NK, a multiple of 32 and at least 64) stays in
@@ -11,14 +11,15 @@
 // before P V (an online softmax could not: the log quantizer needs the final
 // probabilities). Shared memory, in 256-byte-aligned segments:
 //   s   int32 [64][NK]   Q K^T of the block's rows; each row is then overwritten in place
-//                        by its fp16 P' row (after the warp has read it), and the warp's
+//                        by its fp16 P' row(s) (after the warp has read it), and the warp's
 //                        rows finally hold its float32 [16][64] P V result
-//   vh  fp16  [NK][64]   V's codes
+//   vh  fp16  [NK][64]   V's codes plus c_v
 //   kq  int8  [4][NK][16] K's codes as 16-column panels (WMMA fragments must start on
 //                        32-byte boundaries, which a 16-wide step into a 64-byte row is not)
 //   qq  int8  [4][64][16] Q's codes, the same panels
-//   then the row sums of K's and Q's codes, of P' per row, and the level table.
-// At NK = 256 that is 119 KiB (the kernel opts in to more than 48 KiB).
+//   then the row sums of K's and Q's codes, and the level table. (vh holds q_v - z_v =
+//   a_v + c_v, integers within +-255, exact in fp16, so P V needs no correction.)
+// At NK = 256 that is 118 KiB (the kernel opts in to more than 48 KiB).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -78,16 +79,18 @@ __device__ __forceinline__ int log_code(float p, float p_scale, int steps, int z
   return fabsf(lev[hi] - p) <= fabsf(p - lev[lo]) ? hi : lo;
 }
 
-// 2^(-c / steps) without the scale: exact powers of two for log2; log-sqrt2's odd codes
-// are sqrt(2) 2^(-(c + 1) / 2), rounded once.
-__device__ __forceinline__ float unscaled_level(int c, int steps) {
-  if (steps == 1) return ldexpf(1.0f, -c);
-  return (c & 1) ? ldexpf(kSqrt2, -(c + 1) / 2) : ldexpf(1.0f, -c / 2);
+// The level 2^(-c / steps) without the scale, as an exact power of two and a flag: log2's
+// levels are 2^-c; log-sqrt2's even codes 2^(-c/2), its odd codes sqrt(2) 2^(-(c+1)/2),
+// whose power of two goes to a second P' row (the factor sqrt(2) is applied once, to that
+// row's P V), so no level is rounded (fp16 keeps powers of two down to 2^-24).
+__device__ __forceinline__ float level_power(int c, int steps, bool* odd) {
+  *odd = steps == 2 && (c & 1);
+  return ldexpf(1.0f, steps == 1 ? -c : -((c + 1) / 2));
 }
 
 struct Layout {
   int nk;
-  size_t s, vh, kq, qq, rk, rq, rp, lev, bytes;
+  size_t s, vh, kq, qq, rk, rq, lev, bytes;
 };
 
 __host__ __device__ inline size_t align256(size_t n) { return (n + 255) / 256 * 256; }
@@ -103,7 +106,6 @@ __host__ __device__ inline Layout layout_for(int n) {
   l.qq = off;  off = align256(off + static_cast<size_t>(kBQ) * kD);
   l.rk = off;  off = align256(off + static_cast<size_t>(l.nk) * 4);
   l.rq = off;  off = align256(off + kBQ * 4);
-  l.rp = off;  off = align256(off + kBQ * 4);
   l.lev = off; off = align256(off + kMaxLevels * 4);
   l.bytes = off;
   return l;
@@ -127,7 +129,6 @@ __global__ void __launch_bounds__(kThreads)
   int8_t* qq = reinterpret_cast<int8_t*>(smem + L.qq);
   int32_t* rk = reinterpret_cast<int32_t*>(smem + L.rk);
   int32_t* rq = reinterpret_cast<int32_t*>(smem + L.rq);
-  float* rp = reinterpret_cast<float*>(smem + L.rp);
   float* lev = reinterpret_cast<float*>(smem + L.lev);
 
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
@@ -156,8 +157,9 @@ __global__ void __launch_bounds__(kThreads)
     // d = lane -> panel lane / 16; d = lane + 32 -> panel lane / 16 + 2.
     kq[(lane / 16) * nk * 16 + n * 16 + lane % 16] = static_cast<int8_t>(ak0);
     kq[(lane / 16 + 2) * nk * 16 + n * 16 + lane % 16] = static_cast<int8_t>(ak1);
-    vh[n * kD + lane] = __int2half_rn(av0);
-    vh[n * kD + lane + 32] = __int2half_rn(av1);
+    // V enters as q_v - z_v = a_v + c_v: integers within +-255, exact in fp16 (0 for padding).
+    vh[n * kD + lane] = __int2half_rn(n < N ? av0 + cv_i : 0);
+    vh[n * kD + lane + 32] = __int2half_rn(n < N ? av1 + cv_i : 0);
     const int sum = warp_sum(ak0 + ak1);
     if (lane == 0) rk[n] = sum;
   }
@@ -223,27 +225,31 @@ __global__ void __launch_bounds__(kThreads)
     }
     l = warp_sum(l);
     __syncwarp();  // every lane has read its T values before the row is overwritten
+    // P' row: the even (or log2) levels in halves [0, nk), log-sqrt2's odd levels in
+    // halves [nk, 2 nk) of the row's nk int32 slots.
     __half* prow = reinterpret_cast<__half*>(srow);
-    float psum = 0.0f;
 #pragma unroll
     for (int t = 0; t < kMaxKeys / kWarpSize; ++t) {
       const int j = lane + t * kWarpSize;
       if (t < per_lane) {
-        __half hp = __float2half_rn(0.0f);
+        __half he = __float2half_rn(0.0f), ho = __float2half_rn(0.0f);
         if (j < N) {
           const int c = log_code(__fdiv_rn(sv[t], l), p_scale, p_steps, zero_code, lev);
-          if (c != zero_code) hp = __float2half_rn(unscaled_level(c, p_steps));
+          if (c != zero_code) {
+            bool odd;
+            const __half hp = __float2half_rn(level_power(c, p_steps, &odd));
+            (odd ? ho : he) = hp;
+          }
         }
-        prow[j] = hp;
-        psum += __half2float(hp);
+        prow[j] = he;
+        if (p_steps == 2) prow[nk + j] = ho;
       }
     }
-    psum = warp_sum(psum);
-    if (lane == 0) rp[r] = psum;
   }
   __syncwarp();
 
-  // O = P' a_v: the warp's 16 rows x 64 dimensions, 16 keys at a time.
+  // O = P' (a_v + c_v): the warp's 16 rows x 64 dimensions, 16 keys at a time.
+  // (log-sqrt2: a second product for the odd levels, added times sqrt(2).)
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> oacc[kD / 16];
 #pragma unroll
   for (int dc = 0; dc < kD / 16; ++dc) wmma::fill_fragment(oacc[dc], 0.0f);
@@ -258,22 +264,40 @@ __global__ void __launch_bounds__(kThreads)
       wmma::mma_sync(oacc[dc], fp, fv, oacc[dc]);
     }
   }
+  if (p_steps == 2) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> odd[kD / 16];
+#pragma unroll
+    for (int dc = 0; dc < kD / 16; ++dc) wmma::fill_fragment(odd[dc], 0.0f);
+    for (int k0 = 0; k0 < nk; k0 += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fp;
+      wmma::load_matrix_sync(fp, p_rows + nk + k0, 2 * nk);
+#pragma unroll
+      for (int dc = 0; dc < kD / 16; ++dc) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> fv;
+        wmma::load_matrix_sync(fv, vh + k0 * kD + dc * 16, kD);
+        wmma::mma_sync(odd[dc], fp, fv, odd[dc]);
+      }
+    }
+    // Accumulator fragments of one shape share their element layout.
+#pragma unroll
+    for (int dc = 0; dc < kD / 16; ++dc)
+#pragma unroll
+      for (int i = 0; i < oacc[dc].num_elements; ++i) oacc[dc].x[i] = __fmaf_rn(kSqrt2, odd[dc].x[i], oacc[dc].x[i]);
+  }
   __syncwarp();  // all of P' is read before the rows take the result
   float* o_rows = reinterpret_cast<float*>(s_rows);
 #pragma unroll
   for (int dc = 0; dc < kD / 16; ++dc) wmma::store_matrix_sync(o_rows + dc * 16, oacc[dc], kD, wmma::mem_row_major);
   __syncwarp();
 
-  // out[b, n, h, :] = (p_scale s_v) (acc + c_v rowsum(P')).
+  // out[b, n, h, :] = (p_scale s_v) P' (a_v + c_v).
   const float scale_out = __fmul_rn(p_scale, s_v);
-  const float cv = static_cast<float>(cv_i);
   for (int rr = 0; rr < 16; ++rr) {
     const int n = q0 + r0 + rr;
     if (n >= N) break;
-    const float corr = __fmul_rn(cv, rp[r0 + rr]);
     OutT* orow = out + ((b * N + n) * H + h) * kD;
-    store_out(orow + lane, __fmul_rn(scale_out, __fadd_rn(o_rows[rr * kD + lane], corr)));
-    store_out(orow + lane + 32, __fmul_rn(scale_out, __fadd_rn(o_rows[rr * kD + lane + 32], corr)));
+    store_out(orow + lane, __fmul_rn(scale_out, o_rows[rr * kD + lane]));
+    store_out(orow + lane + 32, __fmul_rn(scale_out, o_rows[rr * kD + lane + 32]));
   }
 }
 

@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--per-token", action="store_true", help="dynamic per-token activation scales")
     q.add_argument("--deploy", choices=("cpu", "cuda", "triton"),
                    help="also convert to integer layers with this backend (cpu: int8 GEMMs), evaluate the "
-                        "deployed model and save it with --out (triton: Triton int8 GEMMs on a GPU; cuda: not "
-                        "implemented yet)")
+                        "deployed model and save it with --out (triton: Triton kernels on a GPU; cuda: the CUDA C++ "
+                        "extension on a GPU)")
     r = q.add_argument_group("reconstruction (brecq, qdrop, pfcr, mgrq)")
     r.add_argument("--budget", choices=tuple(BUDGETS),
                    help="preset: cpu (256 images, 300 steps per unit, PFCR up to pairs of blocks) or full (1,024 "
@@ -148,6 +148,8 @@ def _table(rows: list[tuple[str, str]]) -> str:
 def cmd_quantize(args) -> dict:
     import torch
 
+    from . import backends
+
     from . import QuantConfig, quantize
     from .config import RECON_METHODS
     from .data import calibration_indices, load_dataset, stack
@@ -168,11 +170,10 @@ def cmd_quantize(args) -> dict:
         raise FastquantError(f"{', '.join(given)}: only for the reconstruction methods ({', '.join(RECON_METHODS)})")
     if args.no_pos and cfg.method != "pfcr":
         raise FastquantError("--no-pos applies to pfcr only")
-    if args.deploy == "cuda":
-        raise FastquantError("--deploy cuda: the CUDA C++ deployment backend is not implemented yet "
-                             "(use --deploy triton on a GPU, or --deploy cpu)")
-    if args.deploy == "triton" and not torch.cuda.is_available():
-        raise FastquantError("--deploy triton needs a CUDA GPU (use --deploy cpu)")
+    if args.deploy in ("triton", "cuda") and not torch.cuda.is_available():
+        raise FastquantError(f"--deploy {args.deploy} needs a CUDA GPU (use --deploy cpu)")
+    if args.deploy == "cuda" and not backends.CUDA_EXT_AVAILABLE:
+        raise FastquantError(f"--deploy cuda: {backends.CUDA_EXT_REASON} (or use --deploy triton)")
     if args.resume and args.state_dir is None:
         raise FastquantError("--resume needs --state-dir (the folder of the run to continue)")
     if args.state_dir is not None and args.state_dir.exists() and not args.state_dir.is_dir():
@@ -212,7 +213,7 @@ def cmd_quantize(args) -> dict:
     if args.deploy:
         from .deploy import convert
 
-        dmodel = convert(copy.deepcopy(qmodel).cuda(), "triton", inplace=True) if args.deploy == "triton" \
+        dmodel = convert(copy.deepcopy(qmodel).cuda(), args.deploy, inplace=True) if args.deploy in ("triton", "cuda") \
             else convert(qmodel, args.deploy)
         deployed = evaluate(dmodel, test, eval_size, args.batch_size, desc=f"eval deployed ({args.deploy})")
         qmodel = dmodel

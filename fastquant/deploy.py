@@ -36,14 +36,16 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Optional
 
 import torch
 from torch import nn
 
 from . import backends
 from .errors import FastquantError
-from .modules import QuantLinear, QuantMatMul, _adopt
-from .ops.int8_linear import torch_quantize_asym
+from .modules import QuantAttention, QuantLinear, QuantMatMul, _adopt
+from .ops.attention import torch_quant_attention
+from .ops.int8_linear import pack_int4_t, torch_quantize_asym
 from .quantizers import LogQuantizer, UniformQuantizer
 
 BACKENDS = ("auto", "cpu", "triton", "cuda")
@@ -96,21 +98,20 @@ class Int8Linear(nn.Module):
         self.register_buffer("col_scale", torch.ones(out_features))
         self.register_buffer("col_add", torch.zeros(out_features))
         # "cpu": the fused CPU kernels (fastquant._C_cpu) when they are built; "triton":
-        # the Triton kernels (kernels/int8_linear.py). use_kernels=False forces the
-        # PyTorch reference path.
+        # the Triton kernels (kernels/int8_linear.py); "cuda": the CUDA C++ kernels
+        # (csrc/int8_linear.cu, fastquant._C). use_kernels=False forces the PyTorch
+        # reference path.
         self.backend = "cpu"
         self.use_kernels = True
-        # backend "triton" with weights of at most 4 bits: the codes two per byte, which the
-        # Triton GEMM unpacks (kernels/int8_linear.py pack_int4_t); set by set_backend. A
-        # buffer so that .to() moves it; not saved (fastquant.save stores the codes).
+        # backend "triton" or "cuda" with weights of at most 4 bits: the codes two per byte,
+        # which the GEMM unpacks (fastquant.ops.int8_linear.pack_int4_t); set by set_backend.
+        # A buffer so that .to() moves it; not saved (fastquant.save stores the codes).
         self.register_buffer("weight_packed", None, persistent=False)
 
     def set_backend(self, backend: str) -> "Int8Linear":
         self.backend = backend
         self.weight_packed = None
-        if backend == "triton" and self.w_bits <= 4:
-            from fastquant.kernels.int8_linear import pack_int4_t
-
+        if backend in ("triton", "cuda") and self.w_bits <= 4:
             self.weight_packed = pack_int4_t(self.weight_t)
         return self
 
@@ -169,6 +170,8 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.backend == "triton" and self.use_kernels:
             return self._triton(x2).reshape(*shape[:-1], self.out_features)
+        if self.backend == "cuda" and self.use_kernels and x2.is_cuda and x2.shape[0] > 0:
+            return self._cuda(x2).reshape(*shape[:-1], self.out_features)
         if self.use_kernels and backends.CPU_EXT_AVAILABLE and x2.device.type == "cpu" and x2.shape[0] > 0:
             out = self._fused(x2.float().contiguous())
         else:
@@ -187,6 +190,19 @@ class Int8Linear(nn.Module):
         y = triton_int8_gemm(a, weight, rowsum, s_x, c_x, self.w_scale, self.w_corr, self.b_sum, self.bias,
                              out_dtype=out_dtype)
         return y.to(x2.dtype)
+
+    def _cuda(self, x2: torch.Tensor) -> torch.Tensor:
+        from fastquant import _C
+
+        x2 = x2 if x2.dtype in (torch.float16, torch.bfloat16, torch.float32) else x2.float()
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        if self.per_token:
+            a, rowsum, s_x, c_x = _C.quantize_asym(x2, self.a_bits)
+        else:
+            a, rowsum, s_x, c_x = _C.quantize_asym(x2, self.a_bits, self.x_scale.reshape(1), self.x_zero.reshape(1))
+        weight = self.weight_packed if self.weight_packed is not None else self.weight_t
+        return _C.int8_gemm(a, weight, rowsum, s_x, c_x, self.w_scale, self.w_corr, self.b_sum, self.bias, x2.dtype)
 
     def _fused(self, x2: torch.Tensor) -> torch.Tensor:
         from fastquant import _C_cpu
@@ -261,6 +277,95 @@ class KernelLogQuant(LogQuantizer):
         return super().forward(x)
 
 
+def why_not_fused(attn: nn.Module) -> str:
+    """Why the quantized attention ``attn`` cannot run as one fused kernel ('' if it can):
+    the kernels take plain timm attention whose Q and K are uniformly quantized per tensor
+    or per head, the probabilities by a log quantizer and V per tensor, all calibrated,
+    with one bit width for Q, K and V."""
+    if type(attn) is not QuantAttention:
+        return f"{type(attn).__name__} is not plain ViT attention"
+    qq, kq = attn.matmul_qk.a_quant, attn.matmul_qk.b_quant
+    pq, vq = attn.matmul_pv.a_quant, attn.matmul_pv.b_quant
+    heads = attn.num_heads
+    for name, u in (("Q", qq), ("K", kq), ("V", vq)):
+        if type(u) is not UniformQuantizer or u.mode != "quant" or u.per_token:
+            return f"its {name} is not quantized by a calibrated uniform quantizer with a fixed step"
+    if qq.scale.numel() not in (1, heads) or kq.scale.numel() not in (1, heads) or vq.scale.numel() != 1:
+        return "its Q and K steps are not per tensor or per head, or V's not per tensor"
+    if type(pq) is not LogQuantizer or pq.mode != "quant":
+        return "its softmax probabilities are not log-quantized"
+    if not qq.bits == kq.bits == vq.bits:
+        return "Q, K and V have different bit widths"
+    if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
+        return "it normalises Q and K"
+    return ""
+
+
+class FusedQuantAttention(QuantAttention):
+    """A deployed :class:`~fastquant.modules.QuantAttention` whose quantized Q K^T, softmax,
+    log-quantized probabilities and P V run as one kernel (``fused_backend``: ``cuda``,
+    csrc/quant_attention.cu, head dim 64 and up to 256 tokens; ``triton``,
+    kernels/attention.py, head dims 16 to 128 (powers of two), any length; ``torch``: the
+    PyTorch twin ``torch_quant_attention``, for tests). Inputs the kernel does not take (a
+    mask, other shapes) run the fake-quant forward. Same parameters and state-dict names
+    as the module it replaces; the quantizers' values are read once, at conversion, onto
+    the device the model is on then (convert the model where it will run)."""
+
+    fused_backend = "torch"
+
+    def fuse(self, backend: str) -> "FusedQuantAttention":
+        qq, kq = self.matmul_qk.a_quant, self.matmul_qk.b_quant
+        pq, vq = self.matmul_pv.a_quant, self.matmul_pv.b_quant
+        heads = self.num_heads
+        self.fused_backend = backend
+        per_head = [u.scale.reshape(-1).float().expand(heads).contiguous() for u in (qq, kq)]
+        zeros = [u.zero_point.reshape(-1).float().expand(heads).contiguous() for u in (qq, kq)]
+        self._kernel_args = dict(
+            s_q=per_head[0], z_q=zeros[0], s_k=per_head[1], z_k=zeros[1],
+            s_v=float(vq.scale), z_v=float(vq.zero_point), a_bits=qq.bits, sm_scale=float(self.scale),
+            levels=pq.dequantize(torch.arange(pq.zero_code + 1, device=pq.scale.device)).float().contiguous(),
+            p_scale=float(pq.scale), p_steps=pq.steps_per_octave, p_bits=pq.bits)
+        return self
+
+    def _kernel_takes(self, x: torch.Tensor, attn_mask, is_causal: bool) -> bool:
+        if attn_mask is not None or is_causal or getattr(self, "gate", None) is not None:
+            return False
+        if self.fused_backend == "torch":
+            return True
+        if not (x.is_cuda or (self.fused_backend == "triton" and backends.triton_interpret())):
+            return False
+        n = x.shape[1]
+        if self.fused_backend == "cuda":
+            return self.head_dim == 64 and n <= 256
+        return self.head_dim in (16, 32, 64, 128)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        if not self._kernel_takes(x, attn_mask, is_causal):
+            return super().forward(x, attn_mask, is_causal)
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        f = self._kernel_args
+        if self.fused_backend == "cuda":
+            from fastquant import _C
+
+            if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+                q, k, v = q.float(), k.float(), v.float()
+            out = _C.quant_attention(q, k, v, f["s_q"], f["z_q"], f["s_k"], f["z_k"], f["s_v"], f["z_v"],
+                                     f["a_bits"], f["sm_scale"], f["levels"], f["p_scale"], f["p_steps"],
+                                     f["p_bits"], q.dtype)
+        elif self.fused_backend == "triton":
+            from fastquant.kernels.attention import triton_quant_attention
+
+            out = triton_quant_attention(q, k, v, f["s_q"], f["z_q"], f["s_k"], f["z_k"], f["s_v"], f["z_v"],
+                                         f["a_bits"], f["sm_scale"], f["p_scale"], f["p_steps"], f["p_bits"])
+        else:
+            out = torch_quant_attention(q, k, v, f["s_q"], f["z_q"], f["s_k"], f["z_k"], f["s_v"], f["z_v"],
+                                        f["a_bits"], f["sm_scale"], f["p_scale"], f["p_steps"], f["p_bits"])
+        out = self.norm(out.reshape(B, N, self.attn_dim).to(x.dtype))
+        return self.proj_drop(self.proj(out))
+
+
 def _kernel_quantizer(q: nn.Module):
     if getattr(q, "mode", None) != "quant":
         return q
@@ -277,10 +382,14 @@ def convert(qmodel: nn.Module, backend: str = "auto", *, inplace: bool = False) 
 
     ``backend``: ``cpu`` (a model on the CPU: ``torch._int_mm``, VNNI on x86, inside the
     fused kernels of ``fastquant._C_cpu``), ``triton`` (a model on a CUDA device: the Triton
-    quantize and int8 GEMM kernels of ``kernels/int8_linear.py``), or ``auto`` (the one
-    that fits the model's device). ``cuda`` (CUDA C++ GEMM) is not implemented yet and is
-    refused. The result records ``fastquant_deploy`` = {backend, converted layer
-    names, the others with the reason}.
+    quantize and int8 GEMM kernels of ``kernels/int8_linear.py``), ``cuda`` (a model on a
+    CUDA device: the CUDA C++ kernels of ``csrc/``, extension ``fastquant._C``), or
+    ``auto`` (``cpu`` on the CPU; on CUDA, ``cuda`` when the extension is built, else
+    ``triton``). With ``triton`` and ``cuda`` the attention blocks whose quantizers allow
+    it (``why_not_fused``) become :class:`FusedQuantAttention`: one kernel from Q, K, V
+    to the attention output. The result records ``fastquant_deploy`` = {backend,
+    converted layer names, the others with the reason, fused attention names, the
+    others with the reason}.
     """
     if backend not in BACKENDS:
         raise FastquantError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
@@ -289,11 +398,13 @@ def convert(qmodel: nn.Module, backend: str = "auto", *, inplace: bool = False) 
     param = next(qmodel.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     if backend == "auto":
-        backend = "cpu" if device.type == "cpu" else "triton"
+        backend = "cpu" if device.type == "cpu" else ("cuda" if backends.CUDA_EXT_AVAILABLE else "triton")
     if backend == "cuda":
-        raise FastquantError("the cuda deployment backend (CUDA C++ int8 GEMM) is not implemented yet "
-                             "(use backend='triton' on a CUDA model, or 'cpu')")
-    if backend == "triton":
+        if device.type != "cuda":
+            raise FastquantError(f"backend 'cuda' needs the model on a CUDA device, it is on {device}")
+        if not backends.CUDA_EXT_AVAILABLE:
+            raise FastquantError(f"backend 'cuda' is unavailable: {backends.CUDA_EXT_REASON}")
+    elif backend == "triton":
         if device.type != "cuda":
             raise FastquantError(f"backend 'triton' needs the model on a CUDA device, it is on {device}")
         if not backends.TRITON_AVAILABLE:
@@ -313,11 +424,32 @@ def convert(qmodel: nn.Module, backend: str = "auto", *, inplace: bool = False) 
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, Int8Linear.from_quant_linear(layer).set_backend(backend))
         converted.append(name)
-    for m in model.modules():  # the attention matmuls stay fake-quantized, in one pass each
+    fused, unfused = [], {}
+    if backend in ("triton", "cuda"):
+        fused, unfused = _fuse_attention(model, backend)
+    for m in model.modules():  # the other attention matmuls stay fake-quantized (one pass each on the CPU)
         if isinstance(m, QuantMatMul):
             m.a_quant, m.b_quant = _kernel_quantizer(m.a_quant), _kernel_quantizer(m.b_quant)
     if not converted:
         raise FastquantError("no layer of this model can run on integers: "
                              + "; ".join(f"{n}: {r}" for n, r in list(kept.items())[:3]))
-    model.fastquant_deploy = {"backend": backend, "converted": converted, "kept": kept}
+    model.fastquant_deploy = {"backend": backend, "converted": converted, "kept": kept,
+                              "fused_attention": fused, "unfused_attention": unfused}
     return model.eval()
+
+
+def _fuse_attention(model: nn.Module, backend: str) -> tuple[list[str], dict[str, str]]:
+    """Turn every fusable QuantAttention of ``model`` into a FusedQuantAttention (in place)."""
+    fused, unfused = [], {}
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, QuantAttention):
+            continue
+        reason = why_not_fused(m)
+        if reason:
+            unfused[name] = reason
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, _adopt(FusedQuantAttention, m).fuse(backend))
+        fused.append(name)
+    return fused, unfused

@@ -32,6 +32,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from fastquant.ops.int8_linear import pack_int4_t  # noqa: F401  (re-exported: the packing this GEMM reads)
+
 from . import KernelSpec
 from .quant_int8 import _round_half_to_even
 
@@ -242,18 +244,6 @@ def triton_int8_gemm(a, b, rowsum, s_x, c_x, s_w, c_w, b_sum, bias=None, out_dty
         HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, W4=w4,
         num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=4)
     return out
-
-
-def pack_int4_t(weight_t):
-    """int8 [K, N] weight codes minus 8 (4-bit weights, values -8..7) -> uint8
-    [ceil(K/2), N]: row j holds k = 2j in the low nibble and k = 2j + 1 in the high one
-    (code + 8; an odd K's missing high nibble is code 8, i.e. zero)."""
-    import torch
-
-    codes = (weight_t.to(torch.int16) + 8).to(torch.uint8)
-    if codes.shape[0] % 2:
-        codes = torch.cat([codes, torch.full_like(codes[:1], 8)], 0)
-    return (codes[0::2] | (codes[1::2] << 4)).contiguous()
 
 
 def _quantize_spec(dtype: str, per_token: bool, bits: int, block_m: int, block_k: int) -> KernelSpec:

@@ -111,8 +111,8 @@ def bad_ckpt(tmp_path):
     (["--method", "pfcr", "--recon-set", "w_rec=0"], "all zero"),
     (["--method", "pfcr", "--recon-set", "method=brecq"], "choose the method with --method"),
     (["--method", "repq", "--recon-set", "carry=1"], "only for the reconstruction methods"),
-    (["--deploy", "cuda"], "not implemented yet"),
-    *([(["--deploy", "triton"], "needs a CUDA GPU")] if not torch.cuda.is_available() else []),
+    *([(["--deploy", "triton"], "needs a CUDA GPU"), (["--deploy", "cuda"], "needs a CUDA GPU")]
+      if not torch.cuda.is_available() else []),
     (["--deploy", "fpga"], "invalid choice"),
 ])
 def test_bad_input_one_line_exit_2(capsys, tmp_path, args, match):

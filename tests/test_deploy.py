@@ -189,7 +189,7 @@ def test_convert_runs_every_linear_on_integers_and_keeps_accuracy(tiny_w8a8, tin
 
 
 @pytest.mark.parametrize("backend,match", [("gpu", "unknown backend"), ("triton", "needs the model on a CUDA"),
-                                           ("cuda", "not implemented")])
+                                           ("cuda", "needs the model on a CUDA")])
 def test_convert_bad_backend(tiny_w8a8, backend, match):
     with pytest.raises(fastquant.FastquantError, match=match):
         convert(tiny_w8a8, backend=backend)
@@ -233,3 +233,67 @@ def test_triton_deployment_on_gpu(tiny_w8a8, tiny_data):
         out = dep(x.cuda()).cpu()
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
     assert (out - ref).abs().max() <= 1e-3 * ref.abs().max() + 1e-3
+
+
+@pytest.mark.parametrize("softmax", ["log2", "log_sqrt2"])
+def test_fused_attention_twin_equals_the_fake_quant_attention(tiny, tiny_data, softmax):
+    """FusedQuantAttention on its PyTorch twin (integer Q K^T with the zero-point
+    corrections, log codes, P' a_v) computes what the fake-quant attention computes, up to
+    float rounding: this checks the contract the CUDA and Triton kernels implement, and
+    the module's plumbing (qkv split, layout, projection)."""
+    import copy
+
+    from fastquant.deploy import FusedQuantAttention, _fuse_attention
+
+    model, _, _ = tiny
+    calib, _ = tiny_data
+    q = fastquant.quantize(model, calib[:32], fastquant.QuantConfig(method="rtn", w_bits=8, a_bits=8, softmax=softmax),
+                           progress=False)
+    fused = copy.deepcopy(q)
+    names, unfused = _fuse_attention(fused, "torch")
+    assert len(names) == len(fused.blocks) and not unfused
+    assert all(isinstance(fused.get_submodule(n), FusedQuantAttention) for n in names)
+    x = calib[32:40]
+    for block_q, block_f in zip(q.blocks, fused.blocks):  # attention by attention, same input
+        h = torch.randn(4, 50, block_q.attn.qkv.in_features) * 0.5
+        with torch.no_grad():
+            ref, out = block_q.attn(h), block_f.attn(h)
+        assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    with torch.no_grad():
+        ref, out = q(x), fused(x)
+    # Downstream quantizers can round a value differing in its last bit to the other side.
+    assert (ref.argmax(1) == out.argmax(1)).all()
+    assert (out - ref).abs().median() <= 1e-3 * ref.abs().max()
+
+
+def test_why_not_fused_names_the_reason(tiny, tiny_data):
+    from fastquant.deploy import why_not_fused
+
+    model, _, _ = tiny
+    calib, _ = tiny_data
+    for cfg, match in ((dict(softmax="uniform"), "not log-quantized"),
+                       (dict(per_token=True, qk_per_head=False), "fixed step")):
+        q = fastquant.quantize(model, calib[:16], fastquant.QuantConfig(method="rtn", w_bits=8, a_bits=8, **cfg),
+                               progress=False)
+        assert match in why_not_fused(q.blocks[0].attn)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_deployment_fuses_attention_on_gpu(tiny, tiny_data):
+    """With a log-quantized softmax, convert(..., 'triton') also fuses every attention
+    (kernels/attention.py) and keeps the fake-quantized model's predictions."""
+    import copy
+
+    from fastquant.deploy import FusedQuantAttention
+
+    model, _, _ = tiny
+    calib, _ = tiny_data
+    q = fastquant.quantize(model, calib[:32], fastquant.QuantConfig(method="rtn", w_bits=8, a_bits=8), progress=False)
+    dep = convert(copy.deepcopy(q).cuda(), "triton")
+    names = dep.fastquant_deploy["fused_attention"]
+    assert len(names) == len(dep.blocks) and all(isinstance(dep.get_submodule(n), FusedQuantAttention) for n in names)
+    x = calib[32:64]
+    with torch.no_grad():
+        ref, out = q(x), dep(x.cuda()).cpu()
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    assert (out - ref).abs().median() <= 1e-2 * ref.abs().max()

@@ -25,10 +25,11 @@ float rounding of its float matmul, and ``O`` is its ``P~ V~``. The output is la
 feeds the projection.
 
 Kernels differ from this twin only in float rounding: the exponential of the softmax,
-the order of its sums, and P' held in fp16 for the tensor-core P V (exact for log2
-codes down to 2^-24; log-sqrt2's odd codes round to 11 significant bits). A rounding
-difference can move a probability lying on a level midpoint to the neighbouring level;
-tests bound the output difference accordingly.
+the order of its sums, and P' held in fp16 for the tensor-core P V as exact powers of
+two (log-sqrt2's odd levels as 2^(-(e+1)/2), their product scaled by sqrt(2) in fp32),
+which flushes levels below 2^-24 to zero. A rounding difference can move a probability
+lying on a level midpoint to the neighbouring level; tests bound the output difference
+accordingly (tests/test_kernels_attention.py derives the bound).
 """
 from __future__ import annotations
 

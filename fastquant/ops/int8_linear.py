@@ -1,6 +1,7 @@
 """PyTorch reference twins of the deployed int8 linear kernels (``kernels/int8_linear.py``).
 
-The contract is in that module's docstring; these functions implement it with plain
+The contract is in that module's docstring (and in csrc/int8_linear.h for the CUDA C++
+kernels, which compute the same); these functions implement it with plain
 PyTorch ops and are the oracle the Triton kernels are tested against.
 ``Int8Linear.reference`` (fastquant.deploy) quantizes with ``torch_quantize_asym`` and
 computes the same epilogue, with the per-tensor case's constants folded.
@@ -11,7 +12,7 @@ import torch
 
 from fastquant.quantizers import range_to_qparams
 
-__all__ = ["torch_quantize_asym", "torch_int8_gemm"]
+__all__ = ["torch_quantize_asym", "torch_int8_gemm", "pack_int4_t"]
 
 
 def torch_quantize_asym(x: torch.Tensor, bits: int, scale: torch.Tensor | None = None,
@@ -39,3 +40,13 @@ def torch_int8_gemm(a, b, rowsum, s_x, c_x, s_w, c_w, b_sum, bias=None, out_dtyp
     if bias is not None:
         y = y + bias[None, :]
     return y.to(out_dtype)
+
+
+def pack_int4_t(weight_t):
+    """int8 [K, N] weight codes minus 8 (4-bit weights, values -8..7) -> uint8
+    [ceil(K/2), N]: row j holds k = 2j in the low nibble and k = 2j + 1 in the high one
+    (code + 8; an odd K's missing high nibble is code 8, i.e. zero)."""
+    codes = (weight_t.to(torch.int16) + 8).to(torch.uint8)
+    if codes.shape[0] % 2:
+        codes = torch.cat([codes, torch.full_like(codes[:1], 8)], 0)
+    return (codes[0::2] | (codes[1::2] << 4)).contiguous()
