@@ -6,8 +6,9 @@
 e2e: for each model and batch size, the median latency of a forward pass of: full
 precision (fp32 eager on the CPU, fp16 on a GPU), the fake-quantized model, fastquant's
 W8A8 and W4A8 deployments (``fastquant.convert``: integer GEMMs; the cpu backend on the
-CPU, triton on a GPU) and, on the CPU, torch's dynamic int8 quantization of the Linear
-layers. Each variant gets 3 warm-up calls, then the variants are timed in interleaved
+CPU; on a GPU each of the cuda and triton backends that is available, with the attention
+fused where the softmax is log-quantized, run in fp16 like the baseline) and, on the CPU,
+torch's dynamic int8 quantization of the Linear layers. Each variant gets 3 warm-up calls, then the variants are timed in interleaved
 rounds (one call each per round), so a shared machine's drift hits all of them alike. dinov2-s14-fmnist is
 quantized with repq on 128 Fashion-MNIST training images and the W8A8 deployment's top-1
 is compared with the fake-quantized model's on the first --eval-size test images;
@@ -19,7 +20,9 @@ skipped with the reason otherwise): per-token int8 quantization, and the W8A8 li
 layer (Triton quantize + int8 GEMM with the dequantization epilogue) against fp16
 torch.matmul at ViT-S/B shapes (record ``target:w8a8_gemm`` at 12,608 x 768 x 3,072), and
 the fused quantized attention against fp16 scaled_dot_product_attention at batch 64, 197
-tokens, head dim 64, 12 heads (record ``target:attention``) and 6 heads.
+tokens, head dim 64, 12 heads (record ``target:attention``) and 6 heads. Where the CUDA
+extension is built, its C++ kernels (quantize, GEMM, W4A8 GEMM, attention) are timed on
+the same operands beside the Triton ones (``cuda_vs_triton``: Triton time over CUDA time).
 
 Prints tables with the device, versions and commit, and saves everything as JSON
 (default bench/results/run_<device>.json). Records named ``target:...`` hold the
@@ -129,14 +132,27 @@ def prepare(name: str, device: torch.device, eval_size: int):
     base = "fp32" if device.type == "cpu" else "fp16"
     variants = {base: model if device.type == "cpu" else copy.deepcopy(model).half()}
     info = {"img_size": dcfg.img_size, "quantize_method": method, "calib_images": len(calib), "skipped": {}}
+    from fastquant import backends
+
+    # On a GPU every deployment backend that is there, cast to fp16 like the baseline (the
+    # integer layers keep their scales in fp32); the first listed is convert()'s default.
+    gpu_backends = [b for b, ok in (("cuda", backends.CUDA_EXT_AVAILABLE), ("triton", backends.TRITON_AVAILABLE)) if ok]
+    if device.type == "cuda" and not gpu_backends:
+        info["skipped"]["fastquant"] = "neither the CUDA extension nor Triton is available"
+    info["default_backend"] = "cpu" if device.type == "cpu" else (gpu_backends or [None])[0]
     for w, a in ((8, 8), (4, 8)):
         q = fastquant.quantize(model, calib, fastquant.QuantConfig(method=method, w_bits=w, a_bits=a), progress=False)
         variants[f"fake W{w}A{a}"] = q
-        try:
-            variants[f"fastquant W{w}A{a}"] = fastquant.convert(q)
-        except fastquant.FastquantError as exc:
-            info["skipped"][f"fastquant W{w}A{a}"] = str(exc)
-            print(f"fastquant W{w}A{a}: skipped ({exc})")
+        for backend in (["cpu"] if device.type == "cpu" else gpu_backends):
+            label = f"fastquant W{w}A{a}" + ("" if device.type == "cpu" else f" {backend}")
+            try:
+                dep = fastquant.convert(q, backend)
+                variants[label] = dep if device.type == "cpu" else dep.half()
+            except fastquant.FastquantError as exc:
+                info["skipped"][label] = str(exc)
+                print(f"{label}: skipped ({exc})")
+            else:
+                info.setdefault("fused_attention", {})[label] = len(dep.fastquant_deploy["fused_attention"])
     if device.type == "cpu":
         from torch.ao.quantization import quantize_dynamic
 
@@ -146,7 +162,7 @@ def prepare(name: str, device: torch.device, eval_size: int):
     if real_data and eval_size:
         test = load_dataset("fmnist", "test", dcfg)
         acc = {k: evaluate(variants[k], test, eval_size, 100, progress=False)
-               for k in ("fake W8A8", "fastquant W8A8", "fake W4A8", "fastquant W4A8") if k in variants}
+               for k in variants if k.startswith(("fake W", "fastquant W"))}
         acc = {"fp32": evaluate(model, test, eval_size, 100, progress=False), **acc}
         info["top1"] = acc
         info["eval_size"] = eval_size
@@ -167,7 +183,8 @@ def bench_e2e(args, device, env) -> list[dict]:
         for batch in (int(b) for b in args.batches.split(",")):
             x = torch.randn(batch, 3, info["img_size"], info["img_size"], generator=torch.Generator().manual_seed(1))
             x = x.to(device)
-            inputs = {v: x.half() if v == "fp16" else x for v in variants}
+            inputs = {v: x.half() if v == "fp16" or (device.type == "cuda" and v.startswith("fastquant")) else x
+                      for v in variants}
             with torch.inference_mode():
                 timed = median_ms({v: (lambda m=m, xv=inputs[v]: m(xv)) for v, m in variants.items()}, args.reps)
             base = timed[first][0]
@@ -179,10 +196,12 @@ def bench_e2e(args, device, env) -> list[dict]:
                 print(f"| {batch} | {variant} | {ms:.1f} | {rec['images_per_s']:.1f} | {base / ms:.2f}x |", flush=True)
         if name == "vit_base_patch16_224" and device.type == "cuda":
             at64 = {r["variant"]: r for r in records if r["model"] == name and r["batch"] == 64}
-            if "fastquant W8A8" in at64:
-                records.append({"name": "target:gpu_e2e_w8a8", "model": name, "batch": 64,
-                                "speedup": at64["fastquant W8A8"]["speedup"], "baseline": "fp16 eager (SDPA)",
-                                **env})
+            label = f"fastquant W8A8 {info['default_backend']}"
+            if label in at64:
+                records.append({"name": "target:gpu_e2e_w8a8", "model": name, "batch": 64, "variant": label,
+                                "speedup": at64[label]["speedup"], "baseline": "fp16 eager (SDPA)",
+                                **{f"speedup_{b}": at64[f"fastquant W8A8 {b}"]["speedup"]
+                                   for b in ("cuda", "triton") if f"fastquant W8A8 {b}" in at64}, **env})
         if name == "dinov2-s14-fmnist" and device.type == "cpu":
             at8 = {r["variant"]: r for r in records if r["model"] == name and r["batch"] == 8}
             if "fastquant W8A8" in at8:
@@ -217,6 +236,18 @@ def bench_kernels(args, device, env) -> list[dict]:
     return records
 
 
+def _cuda_ext():
+    """fastquant._C (the CUDA C++ kernels) when it is built, else None (with the reason printed)."""
+    from fastquant import backends
+
+    if not backends.CUDA_EXT_AVAILABLE:
+        print(f"CUDA C++ kernels: not measured ({backends.CUDA_EXT_REASON})")
+        return None
+    from fastquant import _C
+
+    return _C
+
+
 def bench_gemm(args, device, env) -> list[dict]:
     """The W8A8 linear layer (Triton quantize + int8 GEMM with its epilogue) against fp16
     torch.matmul (cuBLAS) and the PyTorch reference path, at ViT-S/B layer shapes; and the
@@ -224,6 +255,7 @@ def bench_gemm(args, device, env) -> list[dict]:
     from fastquant.kernels.int8_linear import pack_int4_t, triton_int8_gemm, triton_quantize_asym
     from fastquant.ops.int8_linear import torch_quantize_asym
 
+    cuda_ext = _cuda_ext()
     records = []
     print("\n| W8A8 linear | M x K x N | fp16 matmul ms | reference ms | GEMM ms (TFLOP/s) | quantize+GEMM ms "
           "| W4A8 GEMM ms | GEMM vs fp16 |\n|---|---|---|---|---|---|---|---|")
@@ -250,13 +282,20 @@ def bench_gemm(args, device, env) -> list[dict]:
             a_t, rs, sx, cx = triton_quantize_asym(x, 8)
             return triton_int8_gemm(a_t, b, rs, sx, cx, s_w, c_w, b_sum, bias, torch.float16)
 
-        timed = median_ms({
+        fns = {
             "fp16": lambda: x @ w16,
             "reference": reference,
             "gemm": lambda: triton_int8_gemm(a, b, rowsum, s_x, c_x, s_w, c_w, b_sum, bias, torch.float16),
             "linear": linear,
             "gemm_w4": lambda: triton_int8_gemm(a, b4, rowsum, s_x, c_x, s_w, c_w, b_sum, bias, torch.float16),
-        }, args.reps)
+        }
+        if cuda_ext is not None:  # the CUDA C++ kernels on the same operands
+            fns["cuda_gemm"] = lambda: cuda_ext.int8_gemm(a, b, rowsum, s_x, c_x, s_w, c_w, b_sum, bias, torch.float16)
+            fns["cuda_gemm_w4"] = lambda: cuda_ext.int8_gemm(a, b4, rowsum, s_x, c_x, s_w, c_w, b_sum, bias,
+                                                             torch.float16)
+            fns["cuda_quantize"] = lambda: cuda_ext.quantize_asym(x, 8)
+            fns["triton_quantize"] = lambda: triton_quantize_asym(x, 8)
+        timed = median_ms(fns, args.reps)
         ms = {key: v[0] for key, v in timed.items()}
         tflops = 2 * m * k * n / (ms["gemm"] * 1e-3) / 1e12
         rec = {"name": "kernel:w8a8_linear", "shape": [m, k, n], **{f"{key}_ms": round(v, 4) for key, v in ms.items()},
@@ -265,6 +304,11 @@ def bench_gemm(args, device, env) -> list[dict]:
         records.append(rec)
         print(f"| | {m}x{k}x{n} | {ms['fp16']:.3f} | {ms['reference']:.3f} | {ms['gemm']:.3f} ({tflops:.0f}) | "
               f"{ms['linear']:.3f} | {ms['gemm_w4']:.3f} | {ms['fp16'] / ms['gemm']:.2f}x |", flush=True)
+        if cuda_ext is not None:
+            print(f"|   CUDA C++ | {m}x{k}x{n} | GEMM {ms['cuda_gemm']:.3f} ms ({ms['gemm'] / ms['cuda_gemm']:.2f}x the "
+                  f"Triton one), W4A8 {ms['cuda_gemm_w4']:.3f} ms, quantize {ms['cuda_quantize']:.3f} ms (Triton "
+                  f"{ms['triton_quantize']:.3f}) | | | | | |", flush=True)
+            rec["cuda_vs_triton_gemm"] = round(ms["gemm"] / ms["cuda_gemm"], 3)
         if (m, k, n) == (64 * 197, 768, 3072):
             records.append({"name": "target:w8a8_gemm", "shape": [m, k, n], "speedup": rec["speedup_gemm_vs_fp16"],
                             "baseline": "fp16 torch.matmul (cuBLAS)", "fastquant_ms": ms["gemm"],
@@ -285,6 +329,7 @@ def bench_attention(args, device, env) -> list[dict]:
     from fastquant.kernels.attention import triton_quant_attention
     from fastquant.quantizers import range_to_qparams
 
+    cuda_ext = _cuda_ext()
     records = []
     a_bits, p_steps, p_bits = 6, 2, 6
     print("\n| attention | B x H x N x D | SDPA fp16 ms | SDPA + transpose ms | fastquant ms | vs SDPA |"
@@ -304,12 +349,19 @@ def bench_attention(args, device, env) -> list[dict]:
         def fused():
             return triton_quant_attention(q, k, v, *qparams, a_bits, sm_scale, p_scale, p_steps, p_bits)
 
-        timed = median_ms({
+        fns = {
             "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
             "sdpa_transpose": lambda: F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(
                 batch, n, heads * d),
             "fastquant": fused,
-        }, args.reps)
+        }
+        if cuda_ext is not None:  # the CUDA C++ kernel with the same quantizers
+            levels = p_scale * torch.exp2(-torch.arange((1 << p_bits), device=device) / p_steps)
+            levels[-1] = 0.0
+            fns["cuda"] = lambda: cuda_ext.quant_attention(
+                q, k, v, *qparams[:4], float(qparams[4]), float(qparams[5]), a_bits, sm_scale, levels.float(),
+                float(p_scale), p_steps, p_bits, torch.float16)
+        timed = median_ms(fns, args.reps)
         ms = {key: val[0] for key, val in timed.items()}
         shape = [batch, heads, n, d]
         rec = {"name": "kernel:quant_attention", "shape": shape, "a_bits": a_bits, "p_steps": p_steps,
@@ -319,6 +371,11 @@ def bench_attention(args, device, env) -> list[dict]:
         records.append(rec)
         print(f"| | {batch}x{heads}x{n}x{d} | {ms['sdpa']:.3f} | {ms['sdpa_transpose']:.3f} | "
               f"{ms['fastquant']:.3f} | {ms['sdpa'] / ms['fastquant']:.2f}x |", flush=True)
+        if cuda_ext is not None:
+            rec["cuda_ms"] = round(ms["cuda"], 4)
+            rec["cuda_vs_triton"] = round(ms["fastquant"] / ms["cuda"], 3)
+            print(f"|   CUDA C++ | {batch}x{heads}x{n}x{d} | | | {ms['cuda']:.3f} | {ms['sdpa'] / ms['cuda']:.2f}x |",
+                  flush=True)
         if heads == 12:
             records.append({"name": "target:attention", "shape": shape, "speedup": rec["speedup_vs_sdpa"],
                             "baseline": "torch sdpa fp16", "fastquant_ms": ms["fastquant"],

@@ -108,6 +108,18 @@ class Int8Linear(nn.Module):
         # A buffer so that .to() moves it; not saved (fastquant.save stores the codes).
         self.register_buffer("weight_packed", None, persistent=False)
 
+    # Scales, corrections and bias stay float32 when the model is cast (``.half()``): the
+    # kernels' epilogues compute in float32, and b_sum or col_add would not survive fp16.
+    _FLOAT32_BUFFERS = ("w_scale", "w_corr", "b_sum", "bias", "x_scale", "x_zero", "col_scale", "col_add")
+
+    def _apply(self, fn, recurse=True):
+        kept = {n: self._buffers[n] for n in self._FLOAT32_BUFFERS if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for name, buf in kept.items():
+            device = fn(buf.new_empty(0)).device  # where the cast sends tensors, without the dtype
+            self._buffers[name] = buf.to(device=device, dtype=torch.float32)
+        return self
+
     def set_backend(self, backend: str) -> "Int8Linear":
         self.backend = backend
         self.weight_packed = None
