@@ -132,6 +132,17 @@ at::Tensor int8_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
   return out;
 }
 
+at::Tensor pack_int4(const at::Tensor& w) {
+  constexpr const char* op = "pack_int4";
+  TORCH_CHECK(w.is_cuda() && w.scalar_type() == at::kChar && w.dim() == 2 && w.is_contiguous() && w.numel() > 0, op,
+              ": w must be a non-empty contiguous int8 CUDA matrix [K, N], got ", w.scalar_type(), " ", w.sizes());
+  const c10::cuda::CUDAGuard guard(w.device());
+  const int64_t K = w.size(0), N = w.size(1);
+  at::Tensor packed = at::empty({(K + 1) / 2, N}, w.options().dtype(at::kByte));
+  C10_CUDA_CHECK(fastquant_pack_int4(w.data_ptr<int8_t>(), packed.data_ptr<uint8_t>(), K, N, stream_of(w)));
+  return packed;
+}
+
 // q, k, v [B, H, N, 64] with equal strides and unit stride along the last dim -> [B, N, H, 64].
 at::Tensor quant_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& s_q,
                            const at::Tensor& z_q, const at::Tensor& s_k, const at::Tensor& z_k, double s_v,
@@ -187,6 +198,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("b_sum"), pybind11::arg("bias"), pybind11::arg("out_dtype"),
         "int8 GEMM with the dequantization epilogue (see csrc/int8_linear.h); b int8 [K, N] or packed "
         "4-bit uint8 [ceil(K/2), N].");
+  m.def("pack_int4", &pack_int4, pybind11::arg("w"),
+        "4-bit weight codes minus 8, int8 [K, N] -> uint8 [ceil(K/2), N], two per byte (as pack_int4_t).");
   m.def("quant_attention", &quant_attention, pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"),
         pybind11::arg("s_q"), pybind11::arg("z_q"), pybind11::arg("s_k"), pybind11::arg("z_k"),
         pybind11::arg("s_v"), pybind11::arg("z_v"), pybind11::arg("a_bits"), pybind11::arg("sm_scale"),

@@ -297,7 +297,29 @@ cudaError_t launch_gemm_w(int w4, const int8_t* a, const void* b, const int32_t*
             : launch_gemm<OutT, false>(a, b, rowsum, s_x, c_x, s_w, c_w, b_sum, bias, out, M, N, K, stream);
 }
 
+// One thread per packed byte.
+__global__ void pack_int4_kernel(const int8_t* __restrict__ w, uint8_t* __restrict__ packed, int64_t K, int64_t N,
+                                 int64_t total) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= total) return;
+  const int64_t j = i / N, n = i % N;
+  const uint8_t lo = static_cast<uint8_t>(w[(2 * j) * N + n] + 8);
+  const uint8_t hi = 2 * j + 1 < K ? static_cast<uint8_t>(w[(2 * j + 1) * N + n] + 8) : uint8_t(8);
+  packed[i] = static_cast<uint8_t>(lo | static_cast<uint8_t>(hi << 4));
+}
+
 }  // namespace
+
+extern "C" cudaError_t fastquant_pack_int4(const int8_t* w, uint8_t* packed, int64_t K, int64_t N,
+                                           cudaStream_t stream) {
+  if (K <= 0 || N <= 0 || w == nullptr || packed == nullptr) return cudaErrorInvalidValue;
+  const int64_t total = (K + 1) / 2 * N;
+  constexpr int threads = 256;
+  const int64_t blocks = (total + threads - 1) / threads;
+  if (blocks > INT32_MAX) return cudaErrorInvalidValue;
+  pack_int4_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(w, packed, K, N, total);
+  return cudaGetLastError();
+}
 
 extern "C" cudaError_t fastquant_quantize_asym(const void* x, int x_dtype, int64_t rows, int64_t cols,
                                                int64_t ld_x, int bits, int per_token, const float* scale,

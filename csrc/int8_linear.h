@@ -37,3 +37,10 @@ extern "C" cudaError_t fastquant_int8_gemm(const int8_t* a, const void* b, int w
                                            const float* c_w, const float* b_sum, const float* bias, void* out,
                                            int out_dtype, int64_t M, int64_t N, int64_t K,
                                            cudaStream_t stream);
+
+// 4-bit weight packing for the GEMM above: w int8 [K, N] contiguous (codes minus 8, values
+// -8..7) -> packed uint8 [ceil(K/2), N], packed[j, n] = (w[2j, n] + 8) | (w[2j+1, n] + 8) << 4
+// in uint8 arithmetic, an odd K's missing high nibble being code 8 (zero). The same bytes as
+// fastquant.ops.int8_linear.pack_int4_t.
+extern "C" cudaError_t fastquant_pack_int4(const int8_t* w, uint8_t* packed, int64_t K, int64_t N,
+                                           cudaStream_t stream);

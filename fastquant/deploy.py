@@ -124,7 +124,12 @@ class Int8Linear(nn.Module):
         self.backend = backend
         self.weight_packed = None
         if backend in ("triton", "cuda") and self.w_bits <= 4:
-            self.weight_packed = pack_int4_t(self.weight_t)
+            if backend == "cuda" and self.weight_t.is_cuda and backends.CUDA_EXT_AVAILABLE:
+                from fastquant import _C
+
+                self.weight_packed = _C.pack_int4(self.weight_t.contiguous())
+            else:
+                self.weight_packed = pack_int4_t(self.weight_t)
         return self
 
     def extra_repr(self) -> str:

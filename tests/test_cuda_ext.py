@@ -64,6 +64,14 @@ def test_int8_gemm_equals_the_twin_bit_for_bit(m, k, n, w4, out_dtype, bias):
     assert got.dtype == out_dtype and torch.equal(got.cpu(), ref)
 
 
+@pytest.mark.parametrize("k,n", [(768, 3072), (97, 40), (1, 5)])
+def test_pack_int4_equals_the_twin(k, n):
+    from fastquant import _C
+
+    w = torch.randint(-8, 8, (k, n), generator=torch.Generator().manual_seed(2), dtype=torch.int8)
+    assert torch.equal(_C.pack_int4(w.cuda()).cpu(), pack_int4_t(w))
+
+
 @pytest.mark.parametrize("n", [197, 65, 17, 256])
 @pytest.mark.parametrize("a_bits,p_steps,p_bits", [(8, 1, 4), (4, 2, 4), (6, 2, 8)])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

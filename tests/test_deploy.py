@@ -297,3 +297,22 @@ def test_triton_deployment_fuses_attention_on_gpu(tiny, tiny_data):
         ref, out = q(x), dep(x.cuda()).cpu()
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
     assert (out - ref).abs().median() <= 1e-2 * ref.abs().max()
+
+
+def test_int8_linear_keeps_float32_scales_when_the_model_is_cast_to_half():
+    """.half() casts activations, not the epilogue's constants (b_sum and col_add would not
+    survive fp16); the half layer matches the float one up to the input's fp16 rounding."""
+    import copy
+
+    dep = Int8Linear.from_quant_linear(_layer(8, 8, False, True))
+    half = copy.deepcopy(dep).half()
+    assert half.weight_t.dtype == torch.int8
+    assert all(getattr(half, n).dtype == torch.float32 for n in Int8Linear._FLOAT32_BUFFERS
+               if getattr(half, n) is not None)
+    assert all(torch.equal(getattr(half, n), getattr(dep, n)) for n in ("b_sum", "col_add", "col_scale"))
+    x = torch.randn(7, 96)
+    with torch.no_grad():
+        out = half(x.half())
+        ref = dep(x.half().float())  # the same (fp16-rounded) input in float32
+    assert out.dtype == torch.float16
+    assert (out.float() - ref).abs().max() <= 2 ** -10 * ref.abs().max()
