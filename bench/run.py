@@ -1,6 +1,6 @@
 """Latency benchmarks: whole models (full precision, fastquant deployments, peers) and kernels.
 
-    python bench/run.py [--json PATH] [--sections e2e,kernels] [--models M1,M2]
+    python bench/run.py [--json PATH] [--sections e2e,kernels,recon] [--models M1,M2]
                         [--batches 1,8,64] [--reps 10] [--eval-size 2000]
 
 e2e: for each model and batch size, the median latency of a forward pass of: full
@@ -23,6 +23,10 @@ the fused quantized attention against fp16 scaled_dot_product_attention at batch
 tokens, head dim 64, 12 heads (record ``target:attention``) and 6 heads. Where the CUDA
 extension is built, its C++ kernels (quantize, GEMM, W4A8 GEMM, attention) are timed on
 the same operands beside the Triton ones (``cuda_vs_triton``: Triton time over CUDA time).
+Last, one reconstruction training step (forward, backward, Adam) of a ViT-B block at batch
+32, W4A4 with AdaRound, LSQ and QDrop, with the fused fake-quant linear op against the
+reference fake-quant path in fp32 and the bf16 grid product (record ``target:recon_step``,
+with the loss trajectories of both over five steps); ``--sections recon`` runs it alone.
 
 Prints tables with the device, versions and commit, and saves everything as JSON
 (default bench/results/run_<device>.json). Records named ``target:...`` hold the
@@ -233,6 +237,7 @@ def bench_kernels(args, device, env) -> list[dict]:
         print(f"| quantize_per_token_int8 | {rows}x{cols} | {ref:.3f} | {fast:.3f} | {ref / fast:.2f}x |")
     records += bench_gemm(args, device, env)
     records += bench_attention(args, device, env)
+    records += bench_recon_step(args, device, env)
     return records
 
 
@@ -383,6 +388,123 @@ def bench_attention(args, device, env) -> list[dict]:
     return records
 
 
+def _recon_step_setup(model_name: str, batch: int, device: torch.device, seed: int = 0):
+    """A reconstruction unit as fastquant.recon.engine trains it, self-contained: block 1 of a
+    randomly initialised timm ``model_name`` quantized W4A4 (rtn, random calibration images),
+    its float input tokens (block 0 of the float model on ``batch`` random images) and its
+    float output (the target). Returns ``make(variant, reg) -> (step, params)``: a fresh copy
+    of the quantized block with reconstruction's wrappers (LearnableState: AdaRound soft
+    rounding, LSQ steps, QDrop p = 0.5 drawn from a generator seeded with ``seed``), Adam at
+    the engine's learning rates, and ``step()``: forward, the MSE to the target (plus, with
+    ``reg``, the AdaRound regulariser at its first beta, as after the engine's warm-up),
+    backward, Adam step, returning the MSE. Variants: ``fused`` (grid path, fused op), ``bf16_grid``
+    (grid path in bf16, fused op off: the CUDA default before the fused op), ``reference``
+    (plain fake-quant layers in fp32: ``matmul_dtype="float32"``)."""
+    import fastquant
+    import fastquant.ops.fq_linear as fq
+    from fastquant._compat import import_timm
+    from fastquant.modules import QuantLinear
+    from fastquant.recon.config import LR_ROUND, ReconConfig
+    from fastquant.recon.learnable import LearnableState
+    from fastquant.recon.units import embed
+
+    timm = import_timm()
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = timm.create_model(model_name, pretrained=False).to(device).eval()
+    gen = torch.Generator().manual_seed(seed)
+    calib = torch.randn(8, 3, 224, 224, generator=gen).to(device)
+    q = fastquant.quantize(model, calib, fastquant.QuantConfig(w_bits=4, a_bits=4, method="rtn"), progress=False)
+    for p in list(model.parameters()) + list(q.parameters()):
+        p.requires_grad_(False)
+    with torch.no_grad():
+        tokens = model.blocks[0](embed(model, torch.randn(batch, 3, 224, 224, generator=gen).to(device)))
+        target = model.blocks[1](tokens)
+    cfg = ReconConfig(method="qdrop")
+
+    def make(variant: str, reg: bool = True):
+        block = copy.deepcopy(q.blocks[1])
+        state = LearnableState([block])
+        weights, acts = state.of([block])
+        alphas = [w.alpha for _, w in weights]
+        scales = [a.scale for a in acts if a.scale is not None]
+        for p in alphas + scales:
+            p.requires_grad_(True)
+        for _, w in weights:
+            w.soft = True
+        drop_gen = torch.Generator(device=device).manual_seed(seed)
+        for a in acts:
+            a.drop_p, a.generator = cfg.resolved("qdrop_p"), drop_gen
+        dtype = {"fused": torch.bfloat16, "bf16_grid": torch.bfloat16, "reference": None}[variant]
+        for m in block.modules():
+            if isinstance(m, QuantLinear):
+                m.grid_dtype = dtype
+        opt = torch.optim.Adam([{"params": alphas, "lr": LR_ROUND * 10}, {"params": scales, "lr": cfg.lr_act}])
+
+        def step() -> torch.Tensor:
+            fq.FUSED_RECON = variant == "fused"
+            fit = torch.nn.functional.mse_loss(block(tokens), target)
+            loss = fit + cfg.round_weight * sum(w.regularizer(cfg.beta[0]) for _, w in weights) if reg else fit
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return fit.detach()
+
+        return step, alphas + scales
+
+    return make
+
+
+def bench_recon_step(args, device, env) -> list[dict]:
+    """One reconstruction training step (forward, backward, Adam) of a ViT-B block at batch 32
+    (197 tokens), W4A4 with AdaRound, LSQ and QDrop p = 0.5: the fused fake-quant linear op
+    (Triton, fp16 grids) against the reference fake-quant path in fp32 and the bf16 grid
+    product, each on its own copy of the same block with the same seed; and the loss over a
+    few steps of each without the regulariser (they should agree to fp16 operand rounding).
+    The timed steps include the regulariser, as the engine's steps after its warm-up do."""
+    if device.type != "cuda":
+        reason = "no CUDA device"
+        print(f"\n## recon step: skipped ({reason})")
+        return [{"name": "recon_step", "skipped": reason, **env}]
+    import fastquant.ops.fq_linear as fq
+    from fastquant import backends
+
+    if not backends.TRITON_AVAILABLE:
+        print(f"\n## recon step: skipped ({backends.TRITON_REASON})")
+        return [{"name": "recon_step", "skipped": backends.TRITON_REASON, **env}]
+    model_name, batch, n_steps = "vit_base_patch16_224", 32, 5
+    make = _recon_step_setup(model_name, batch, device)
+    old = fq.FUSED_RECON
+    try:
+        losses = {}
+        for variant in ("fused", "reference"):  # fresh copies, same seed: the MSE trajectories
+            step, _ = make(variant, reg=False)  # (the warm-up's steps: the regulariser would dominate)
+            losses[variant] = [float(step()) for _ in range(n_steps)]
+        steps = {variant: make(variant)[0] for variant in ("fused", "reference", "bf16_grid")}
+        timed = median_ms(steps, args.reps)
+    finally:
+        fq.FUSED_RECON = old
+    ms = {k: v[0] for k, v in timed.items()}
+    rel = [abs(a - b) / abs(b) for a, b in zip(losses["fused"], losses["reference"])]
+    speedup = ms["reference"] / ms["fused"]
+    rec = {"name": "recon_step", "model": model_name, "block": 1, "batch": batch, "tokens": 197, "w_bits": 4,
+           "a_bits": 4, "qdrop_p": 0.5, **{f"{k}_ms": round(v, 3) for k, v in ms.items()},
+           "speedup_vs_reference": round(speedup, 3), "speedup_vs_bf16_grid": round(ms["bf16_grid"] / ms["fused"], 3),
+           "tf32": torch.backends.cuda.matmul.allow_tf32, "loss_fused": losses["fused"],
+           "loss_reference": losses["reference"], "loss_max_rel_diff": max(rel), **env}
+    print("\n## recon step: one block's training step (forward, backward, Adam)\n\n"
+          "| model | batch | reference fp32 ms | bf16 grid ms | fused ms | vs fp32 | vs bf16 grid | loss max rel diff |"
+          "\n|---|---|---|---|---|---|---|---|")
+    print(f"| {model_name} block 1 W4A4 | {batch}x197 | {ms['reference']:.2f} | {ms['bf16_grid']:.2f} | "
+          f"{ms['fused']:.2f} | {speedup:.2f}x | {rec['speedup_vs_bf16_grid']:.2f}x | {max(rel):.2e} |", flush=True)
+    print("losses (fused / reference): " + ", ".join(f"{a:.5g}/{b:.5g}" for a, b in
+                                                        zip(losses["fused"], losses["reference"])))
+    return [rec, {"name": "target:recon_step", "model": model_name, "batch": batch, "speedup": round(speedup, 3),
+                  "baseline": "reference fake-quant path (fp32)", "fastquant_ms": ms["fused"],
+                  "baseline_ms": ms["reference"], "loss_max_rel_diff": max(rel), **env}]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", type=Path, help="where to save the records (default bench/results/run_<device>.json)")
@@ -394,9 +516,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     args = p.parse_args(argv)
     sections = args.sections.split(",")
-    unknown = set(sections) - {"e2e", "kernels"}
+    unknown = set(sections) - {"e2e", "kernels", "recon"}
     if unknown:
-        p.error(f"unknown section(s): {', '.join(sorted(unknown))} (choose from e2e, kernels)")
+        p.error(f"unknown section(s): {', '.join(sorted(unknown))} (choose from e2e, kernels, recon)")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -408,6 +530,8 @@ def main(argv=None):
         records += bench_e2e(args, device, env)
     if "kernels" in sections:
         records += bench_kernels(args, device, env)
+    elif "recon" in sections:  # the kernels section includes it
+        records += bench_recon_step(args, device, env)
     out = args.json or ROOT / "bench" / "results" / f"run_{'cuda' if device.type == 'cuda' else 'cpu'}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), **env, "records": records}, indent=2) + "\n")

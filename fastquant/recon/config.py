@@ -93,6 +93,11 @@ class ReconConfig:
       (batch 32, 65 tokens, W4A4, QDrop p=0.5) on 2 CPU threads: 0.287 s before this
       path and the cheaper QDrop mask (``keep_mask``, ``LsqGrid``) existed, 0.235 s with
       the mask in fp32, 0.167 s with bf16 grids (without QDrop: 0.210 s and 0.147 s).
+      On CUDA tensors with Triton available, those layers run the fused fake-quant linear
+      op instead of a grid product in this dtype (``fastquant.ops.fq_linear``: quantization
+      in the GEMM's prologue, fp16 grids, exact for hard-rounded codes, soft-rounded ones
+      and QDrop's float values to fp16's 11 significant bits; ``FASTQUANT_FUSED_RECON=0``
+      turns it off). Not measured on a GPU yet.
     - ``max_device_bytes``: captured inputs and targets stay on the model's device when
       they take at most this much (None: half the free accelerator memory; on the CPU
       always), else in host memory, moved one batch at a time.

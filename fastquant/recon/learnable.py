@@ -169,17 +169,22 @@ class ActQuant(nn.Module):
         return self.quantizer
 
 
-def keep_mask(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
+def keep_mask(x: torch.Tensor, p: float, generator: torch.Generator | None,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
     """QDrop's mask for ``x``: 1.0 (keep the float value) with probability ``p`` rounded to
-    a multiple of 1/256, else 0.0, in ``x``'s dtype. Drawn as random bytes (eight per
-    64-bit draw), several times faster on the CPU than one float draw per element."""
+    a multiple of 1/256, else 0.0, in ``dtype`` (default: ``x``'s; ``torch.bool`` skips the
+    conversion, for the fused kernels). Drawn as random bytes (eight per 64-bit draw),
+    several times faster on the CPU than one float draw per element; the same draws
+    whatever the dtype."""
+    dtype = x.dtype if dtype is None else dtype
     threshold = round(p * 256)
     if threshold <= 0 or threshold >= 256:
-        return torch.full_like(x, float(threshold > 0))
+        return torch.full(x.shape, threshold > 0, dtype=dtype, device=x.device)
     n = x.numel()
     words = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 7) // 8,), generator=generator, device=x.device,
                           dtype=torch.int64)
-    return (words.view(torch.uint8)[:n] < threshold).view(x.shape).to(x.dtype)
+    mask = (words.view(torch.uint8)[:n] < threshold).view(x.shape)
+    return mask if dtype == torch.bool else mask.to(dtype)
 
 
 class LsqGrid(torch.autograd.Function):
