@@ -30,7 +30,10 @@ class QuantLinear(nn.Module):
     With ``grid_dtype`` set (reconstruction sets it while it trains), quantizers that
     can give their output as an integer grid times a scale (``grid(x) -> (g, s)``, the
     learnable wrappers of ``fastquant.recon``) have the product computed on the grids in
-    that dtype and the scales applied after it (``fastquant.ops.grid_linear``).
+    that dtype and the scales applied after it (``fastquant.ops.grid_linear``). On CUDA
+    tensors, a layer wrapped by ``ActQuant`` (per-tensor step) and ``AdaRoundWeight`` runs
+    the fused Triton op instead (``fastquant.ops.fq_linear.fused_recon_linear``: fp16
+    grids, quantization in the GEMM's prologue, its own backward).
     """
 
     grid_dtype: Optional[torch.dtype] = None
@@ -52,6 +55,12 @@ class QuantLinear(nn.Module):
         return F.linear(_q(self.input_quant, x), self.weight_quant(self.weight), self.bias)
 
     def _grid_forward(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        if x.is_cuda:  # the fused fake-quant linear op, when the layer's quantizers allow it
+            from .ops.fq_linear import fused_recon_linear
+
+            y = fused_recon_linear(self, x)
+            if y is not None:
+                return y
         x_grid = getattr(self.input_quant, "grid", None)
         w_grid = getattr(self.weight_quant, "grid", None)
         if x_grid is None or w_grid is None:
@@ -125,10 +134,16 @@ class QuantAttention(Attention):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        attn = self.matmul_qk(q, k.transpose(-2, -1)) * self.scale
-        attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        x = self.matmul_pv(attn, v)
+        fq = None
+        if x.is_cuda and attn_mask is None and not is_causal:  # reconstruction's fused kernel (opt-in)
+            from .ops import fq_attention as fq
+        if fq is not None and fq.fused_attention_applies(self, q):
+            x = fq.fused_attention(self, q, k, v)
+        else:
+            attn = self.matmul_qk(q, k.transpose(-2, -1)) * self.scale
+            attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            x = self.matmul_pv(attn, v)
         x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
         x = self.norm(x)
         if gate is not None:
