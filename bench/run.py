@@ -24,7 +24,7 @@ tokens, head dim 64, 12 heads (record ``target:attention``) and 6 heads. Where t
 extension is built, its C++ kernels (quantize, GEMM, W4A8 GEMM, attention) are timed on
 the same operands beside the Triton ones (``cuda_vs_triton``: Triton time over CUDA time).
 Last, one reconstruction training step (forward, backward, Adam) of a ViT-B block at batch
-32, W4A4 with AdaRound, LSQ and QDrop, with the fused fake-quant linear op against the
+32, W4A4 with AdaRound, LSQ and QDrop, with the fused fake-quant linear and attention ops against the
 reference fake-quant path in fp32 and the bf16 grid product (record ``target:recon_step``,
 with the loss trajectories of both over five steps); ``--sections recon`` runs it alone.
 
@@ -458,8 +458,9 @@ def _recon_step_setup(model_name: str, batch: int, device: torch.device, seed: i
 
 def bench_recon_step(args, device, env) -> list[dict]:
     """One reconstruction training step (forward, backward, Adam) of a ViT-B block at batch 32
-    (197 tokens), W4A4 with AdaRound, LSQ and QDrop p = 0.5: the fused fake-quant linear op
-    (Triton, fp16 grids) against the reference fake-quant path in fp32 and the bf16 grid
+    (197 tokens), W4A4 with AdaRound, LSQ and QDrop p = 0.5: the fused fake-quant linear and
+    attention ops (Triton; fp16 grids for the linear layers; one switch,
+    ``fastquant.ops.fq_linear.FUSED_RECON``) against the reference fake-quant path in fp32 and the bf16 grid
     product, each on its own copy of the same block with the same seed; and the loss over a
     few steps of each without the regulariser (they should agree to fp16 operand rounding).
     The timed steps include the regulariser, as the engine's steps after its warm-up do."""

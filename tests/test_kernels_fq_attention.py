@@ -466,17 +466,18 @@ class _FakeCuda:
 
 def test_fused_attention_applies_to_the_supported_wrappers_only(monkeypatch):
     pytest.importorskip("triton")
-    from fastquant.ops.fq_attention import ENV_SWITCH, fused_attention_applies
+    from fastquant.ops import fq_linear
+    from fastquant.ops.fq_attention import fused_attention_applies
     from fastquant.quantizers import UniformQuantizer
     from fastquant.recon.learnable import ActQuant
 
-    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    monkeypatch.setattr(fq_linear, "FUSED_RECON", True)
     for per_head in (True, False):
         attn, x = small_attention(per_head)
         assert fused_attention_applies(attn, _FakeCuda()) and not fused_attention_applies(attn, x)
-    monkeypatch.setenv(ENV_SWITCH, "0")
+    monkeypatch.setattr(fq_linear, "FUSED_RECON", False)  # the one switch of both fused ops
     assert not fused_attention_applies(attn, _FakeCuda())
-    monkeypatch.setenv(ENV_SWITCH, "1")
+    monkeypatch.setattr(fq_linear, "FUSED_RECON", True)
     attn.matmul_pv.b_quant.float_act = True  # POS's float stage: the reference path
     assert not fused_attention_applies(attn, _FakeCuda())
     attn.matmul_pv.b_quant.float_act = False
@@ -596,7 +597,7 @@ def test_kernels_match_twin_on_gpu(p_steps, masks, monkeypatch):
 
 @needs_gpu
 def test_quant_attention_takes_the_fused_path_on_gpu(monkeypatch):
-    """On CUDA, QuantAttention.forward calls the kernel (unless FASTQUANT_FUSED_RECON=0),
+    """On CUDA, QuantAttention.forward calls the kernel (unless fq_linear.FUSED_RECON is off),
     whose values and gradients match the reference path's under the kernel's bounds, with
     the same QDrop masks and the generator left in the same state."""
     from fastquant.ops import fq_attention
@@ -609,9 +610,11 @@ def test_quant_attention_takes_the_fused_path_on_gpu(monkeypatch):
     monkeypatch.setattr(fq_attention, "fused_attention", lambda *a: calls.append(1) or fused(*a))
     set_qdrop(attn, 0.5, 3, "cuda")
     attn(x).sum().backward()
-    monkeypatch.setenv(fq_attention.ENV_SWITCH, "0")
+    from fastquant.ops import fq_linear
+
+    monkeypatch.setattr(fq_linear, "FUSED_RECON", False)
     attn(x).sum().backward()
     assert calls == [1]
-    monkeypatch.delenv(fq_attention.ENV_SWITCH)
+    monkeypatch.setattr(fq_linear, "FUSED_RECON", True)
     r = fused_against_reference(attn, x, seed=3)
     assert r["same_generator_state"] and r["ok"], r

@@ -40,13 +40,12 @@ go through P~); tests/test_kernels_fq_attention.py derives the bounds.
 
 Integration. :func:`fused_attention_applies` says whether a ``QuantAttention`` call may use
 the kernel (its matmuls' quantizers are ActQuant wrappers of the supported kinds, quantizing;
-x is a float32 CUDA tensor; Triton is available; ``FASTQUANT_FUSED_RECON`` is not ``0``), and
+x is a float32 CUDA tensor; Triton is available; ``fq_linear.FUSED_RECON`` is on), and
 :func:`fused_attention` then computes ``matmul_pv(softmax(matmul_qk(q, k^T) * scale), v)``
 with it, drawing the QDrop masks as the wrappers would.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -102,7 +101,8 @@ def torch_fq_attention(q, k, v, s_q, z_q, s_k, z_k, s_v, z_v, qmax: int, sm_scal
 
 
 # -- the opt-in switch of QuantAttention --------------------------------------------------------
-ENV_SWITCH = "FASTQUANT_FUSED_RECON"  # "0": always the reference path
+# The switch is fastquant.ops.fq_linear.FUSED_RECON (FASTQUANT_FUSED_RECON=0 at import, or
+# set it to False): it turns off the fused linear and attention ops together.
 
 
 def _operands(attn):
@@ -140,11 +140,13 @@ def fused_attention_applies(attn, x: torch.Tensor) -> bool:
     """Whether ``QuantAttention.forward`` (with no attention mask) computes its two matmuls
     and softmax with the fused kernel. ``x``: the attention's input, or its q (the forward
     passes q, whose dtype is the kernel's operands'); only its device and dtype are read.
-    True when x is a float32 CUDA tensor, Triton is available, the environment does not set
-    ``FASTQUANT_FUSED_RECON=0``, the head dim is one the kernel takes, no attention dropout
+    True when x is a float32 CUDA tensor, Triton is available, ``fq_linear.FUSED_RECON`` is
+    on (``FASTQUANT_FUSED_RECON=0`` turns it off at import), the head dim is one the kernel takes, no attention dropout
     is active and the quantizers are of the supported kinds (``_operands``). Never true on
     the CPU."""
-    if not x.is_cuda or x.dtype != torch.float32 or os.environ.get(ENV_SWITCH, "1") == "0":
+    from . import fq_linear  # one switch for both fused reconstruction ops
+
+    if not x.is_cuda or x.dtype != torch.float32 or not fq_linear.FUSED_RECON:
         return False
     from ..kernels import TRITON_AVAILABLE
 

@@ -79,8 +79,9 @@ __all__ = ["FUSED_RECON", "FqLinearFunction", "fq_linear", "fq_grids", "fused_re
 ZETA, GAMMA = 1.1, -0.1
 
 FUSED_RECON = os.environ.get("FASTQUANT_FUSED_RECON", "1").strip() != "0"
-"""Whether :func:`fused_recon_linear` may use the fused op (set it to False to force the
-reference path; ``FASTQUANT_FUSED_RECON=0`` sets it at import)."""
+"""Whether reconstruction may use the fused ops, this linear one (:func:`fused_recon_linear`)
+and the attention (``fastquant.ops.fq_attention``); set it to False to force the reference
+path (``FASTQUANT_FUSED_RECON=0`` sets it at import)."""
 
 
 # -- the PyTorch twin ------------------------------------------------------------------------
