@@ -24,20 +24,19 @@
 
 #include <cstdint>
 
+#include "cuda_common.cuh"
 #include "int8_linear.h"
 
 namespace {
 
-constexpr int kWarpSize = 32;
+using fastquant_cuda::kWarpSize;
+using fastquant_cuda::load_float;
+using fastquant_cuda::store_out;
+using fastquant_cuda::warp_max;
+using fastquant_cuda::warp_min;
+using fastquant_cuda::warp_sum;
+
 constexpr float kScaleFloor = 1e-8f;
-
-__device__ __forceinline__ float load_float(const float* p) { return __ldg(p); }
-__device__ __forceinline__ float load_float(const __half* p) { return __half2float(__ldg(p)); }
-__device__ __forceinline__ float load_float(const __nv_bfloat16* p) { return __bfloat162float(__ldg(p)); }
-
-__device__ __forceinline__ void store_out(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store_out(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store_out(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 // ---------------------------------------------------------------------------------------
 // Quantization: one warp per row, 8 rows per block.
@@ -62,10 +61,8 @@ __global__ void __launch_bounds__(kQuantWarps* kWarpSize)
       lo = fminf(lo, v);
       hi = fmaxf(hi, v);
     }
-    for (int off = kWarpSize / 2; off > 0; off >>= 1) {
-      lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, off));
-      hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, off));
-    }
+    lo = warp_min(lo);
+    hi = warp_max(hi);
     s = fmaxf(__fdiv_rn(__fsub_rn(hi, lo), qmax), kScaleFloor);
     z = fminf(fmaxf(rintf(__fdiv_rn(-lo, s)), 0.0f), qmax);
   } else {
@@ -83,7 +80,7 @@ __global__ void __launch_bounds__(kQuantWarps* kWarpSize)
     ar[c] = static_cast<int8_t>(v);
     sum += v;
   }
-  for (int off = kWarpSize / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  sum = warp_sum(sum);
   if (lane == 0) {
     rowsum[row] = sum;
     s_x[row] = s;

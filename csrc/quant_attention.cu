@@ -27,11 +27,17 @@
 
 #include <cstdint>
 
+#include "cuda_common.cuh"
 #include "quant_attention.h"
 
 namespace {
 
-constexpr int kWarpSize = 32;
+using fastquant_cuda::kWarpSize;
+using fastquant_cuda::load_float;
+using fastquant_cuda::store_out;
+using fastquant_cuda::warp_max;
+using fastquant_cuda::warp_sum;
+
 constexpr int kD = 64;       // head dimension
 constexpr int kBQ = 64;      // queries per block
 constexpr int kWarps = 4;    // 16 query rows each
@@ -39,27 +45,6 @@ constexpr int kThreads = kWarps * kWarpSize;
 constexpr int kMaxKeys = FASTQUANT_ATTENTION_MAX_KEYS;
 constexpr int kMaxLevels = 256;  // p_bits <= 8
 constexpr float kSqrt2 = 1.41421356237309504880f;
-
-__device__ __forceinline__ float load_float(const float* p) { return __ldg(p); }
-__device__ __forceinline__ float load_float(const __half* p) { return __half2float(__ldg(p)); }
-__device__ __forceinline__ float load_float(const __nv_bfloat16* p) { return __bfloat162float(__ldg(p)); }
-
-__device__ __forceinline__ void store_out(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store_out(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store_out(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-
-__device__ __forceinline__ float warp_max(float v) {
-  for (int off = kWarpSize / 2; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-  return v;
-}
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int off = kWarpSize / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-__device__ __forceinline__ int warp_sum(int v) {
-  for (int off = kWarpSize / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
 
 // clamp(round(x / s) + z, 0, qmax) - o, as fastquant.ops.attention._codes.
 __device__ __forceinline__ int quantize(float x, float s, float z, float qmax, float o) {

@@ -16,32 +16,21 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cuda_common.cuh"
 #include "quant_int8.h"
 
 namespace {
 
-constexpr int kWarpSize = 32;
+using fastquant_cuda::kWarpSize;
+using fastquant_cuda::load_float;
+using fastquant_cuda::warp_max;
+
 constexpr int kMaxThreads = 256;
 // Elements each thread handles in the common case: enough independent loads per thread
 // to cover memory latency, while a 384-wide ViT-S row still spreads over three warps.
 constexpr int kElementsPerThread = 4;
 constexpr float kQmax = 127.0f;
 constexpr float kScaleFloor = 1e-8f;
-
-// fp16 and bf16 widen to float32 exactly. __ldg routes the loads through the read-only
-// cache, which suits x: it is read twice and never written.
-__device__ __forceinline__ float load_float(const float* p) { return __ldg(p); }
-__device__ __forceinline__ float load_float(const __half* p) { return __half2float(__ldg(p)); }
-__device__ __forceinline__ float load_float(const __nv_bfloat16* p) {
-  return __bfloat162float(__ldg(p));
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
-    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  }
-  return v;
-}
 
 // Maximum of v over the block, returned to every thread. blockDim.x must be a multiple
 // of 32 and at most kMaxThreads. 0 is a neutral element because the inputs are |x|.

@@ -54,3 +54,25 @@ class KernelSpec:
     @property
     def name(self) -> str:
         return f"{self.kernel.__name__}[{self.label}]"
+
+
+def check_qkv(name: str, q, k, v, dtypes: tuple, dtype_rule: str) -> tuple[int, int, int, int]:
+    """The input checks the attention wrappers share: q, k, v 4-D tensors [B, H, N, D] of one
+    shape, one dtype among ``dtypes`` (``dtype_rule`` says which in the error) and one
+    device, D one of 16, 32, 64, 128. Raises ValueError naming ``name``; returns the shape."""
+    import torch
+
+    for t, label in ((q, "q"), (k, "k"), (v, "v")):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}: {label} must be a 4-D tensor [B, H, N, D], got {shape}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"{name}: q, k and v must have the same shape [B, H, N, D], got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in dtypes:
+        raise ValueError(f"{name}: q, k and v must {dtype_rule}, got {q.dtype}, {k.dtype} and {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{name}: q, k and v must be on one device, got {q.device}, {k.device} and {v.device}")
+    if q.shape[3] not in (16, 32, 64, 128):
+        raise ValueError(f"{name}: head dim D must be 16, 32, 64 or 128, got {q.shape[3]} (shape {tuple(q.shape)})")
+    return tuple(q.shape)

@@ -52,7 +52,7 @@ import math
 import triton
 import triton.language as tl
 
-from . import KernelSpec
+from . import KernelSpec, check_qkv
 from .quant_int8 import _round_half_to_even
 
 # Where the midpoint (in value) of neighbouring levels 2^(-c/k) and 2^(-(c+1)/k) lies
@@ -236,22 +236,8 @@ def triton_quant_attention(q, k, v, s_q, z_q, s_k, z_k, s_v, z_v, a_bits: int, s
     import torch
 
     name = "triton_quant_attention"
-    for t, label in ((q, "q"), (k, "k"), (v, "v")):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name}: {label} must be a 4-D tensor [B, H, N, D], got {shape}")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"{name}: q, k and v must have the same shape [B, H, N, D], got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or str(q.dtype).removeprefix("torch.") not in _FLOAT_DTYPES:
-        raise ValueError(f"{name}: q, k and v must share one dtype among float16, bfloat16 and "
-                         f"float32, got {q.dtype}, {k.dtype} and {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"{name}: q, k and v must be on one device, got {q.device}, {k.device} "
-                         f"and {v.device}")
-    bsz, heads, n, d = q.shape
-    if d not in (16, 32, 64, 128):
-        raise ValueError(f"{name}: head dim D must be 16, 32, 64 or 128, got {d} (shape {tuple(q.shape)})")
+    bsz, heads, n, d = check_qkv(name, q, k, v, (torch.float16, torch.bfloat16, torch.float32),
+                                 "share one dtype among float16, bfloat16 and float32")
     if not 2 <= a_bits <= 8:
         raise ValueError(f"{name}: a_bits must be 2..8, got {a_bits}")
     if p_steps not in (1, 2):

@@ -62,7 +62,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from . import KernelSpec
+from . import KernelSpec, check_qkv
 from .quant_int8 import _round_half_to_even
 
 # 2^-0.5 rounded to float32 (torch.exp2(-0.5)): log-sqrt2's odd levels are it times 2^-n.
@@ -456,9 +456,6 @@ def _default_blocks(n: int, d: int) -> tuple[int, int, int]:
     return (16 if d > 64 else 32), 32, 8
 
 
-_HEAD_DIMS = (16, 32, 64, 128)
-
-
 def _check_mask(mask, name: str, shape: tuple, device):
     """A QDrop keep mask as contiguous uint8 (1: keep the float value), or None."""
     if mask is None:
@@ -574,21 +571,7 @@ def triton_fq_attention(q, k, v, s_q, z_q, s_k, z_k, s_v, z_v, qmax: int, sm_sca
     float32 (a view of a [B, N, H, D] tensor). ``blocks`` overrides (BLOCK_M, BLOCK_N).
     """
     name = "triton_fq_attention"
-    for t, label in ((q, "q"), (k, "k"), (v, "v")):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name}: {label} must be a 4-D tensor [B, H, N, D], got {shape}")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"{name}: q, k and v must have the same shape [B, H, N, D], got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype == torch.float32):
-        raise ValueError(f"{name}: q, k and v must be float32 (the reconstruction loop's type), got "
-                         f"{q.dtype}, {k.dtype} and {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"{name}: q, k and v must be on one device, got {q.device}, {k.device} and {v.device}")
-    bsz, heads, n, d = q.shape
-    if d not in _HEAD_DIMS:
-        raise ValueError(f"{name}: head dim D must be 16, 32, 64 or 128, got {d} (shape {tuple(q.shape)})")
+    bsz, heads, n, d = check_qkv(name, q, k, v, (torch.float32,), "be float32 (the reconstruction loop's type)")
     if isinstance(qmax, bool) or not isinstance(qmax, int) or not 1 <= qmax <= 255:
         raise ValueError(f"{name}: qmax must be an integer 1..255 (2^bits - 1), got {qmax!r}")
     if p_steps not in (1, 2):
