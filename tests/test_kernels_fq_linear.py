@@ -46,13 +46,11 @@ import math
 import pytest
 import torch
 from _interp import run_interpreted  # tests/_interp.py (the tests folder is on sys.path)
-from torch import nn
 
 from fastquant.modules import QuantLinear
 import fastquant.ops.fq_linear as fq_mod
 from fastquant.ops.fq_linear import (fq_grids, fq_linear, fused_recon_linear, torch_fq_linear,
                                      torch_fq_linear_backward, torch_fq_linear_forward)
-from fastquant.quantizers import UniformQuantizer
 from fastquant.recon.learnable import ActQuant, AdaRoundWeight, keep_mask
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -319,24 +317,19 @@ def test_triton_fq_linear_ties_are_exact(report):
 
 # -- the twin against the layer it replaces (CPU, no interpreter) --------------------------------
 def _wrapped_layer(a_bits, w_bits, bias, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    lin = nn.Linear(96, 40, bias=bias)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(40, 96, generator=gen) * 0.1 + 0.02)
-        if bias:
-            lin.bias.copy_(torch.randn(40, generator=gen))
-    wq = UniformQuantizer(w_bits, (40, 1))
-    wq.calibrate_tensor(lin.weight.detach())
-    iq = UniformQuantizer(a_bits, ())
-    iq.set_qparams(torch.tensor(0.05), torch.tensor(float((1 << a_bits) // 3)))
-    wq.mode = iq.mode = "quant"
-    layer = QuantLinear(lin, wq, iq)
+    """test_deploy's calibrated QuantLinear (96 -> 40, per-tensor input step), frozen, with
+    the reconstruction wrappers installed and V moved off its start so that some h are
+    clamped and some not."""
+    from test_deploy import _layer  # tests/ is on sys.path
+
+    layer = _layer(w_bits, a_bits, False, bias, seed)
+    assert layer.weight_quant.mode == layer.input_quant.mode == "quant"
     for p in layer.parameters():
         p.requires_grad_(False)
-    layer.weight_quant = AdaRoundWeight(wq, layer.weight)
-    layer.input_quant = ActQuant(iq)
-    with torch.no_grad():  # move V off its start so that some h are clamped and some not
-        layer.weight_quant.alpha.add_(torch.randn(40, 96, generator=gen) * 2)
+    layer.weight_quant = AdaRoundWeight(layer.weight_quant, layer.weight)
+    layer.input_quant = ActQuant(layer.input_quant)
+    with torch.no_grad():
+        layer.weight_quant.alpha.add_(torch.randn(40, 96, generator=torch.Generator().manual_seed(seed + 1)) * 2)
     return layer
 
 
