@@ -7,8 +7,9 @@ e2e: for each model and batch size, the median latency of a forward pass of: ful
 precision (fp32 eager on the CPU, fp16 on a GPU), the fake-quantized model, fastquant's
 W8A8 and W4A8 deployments (``fastquant.convert``: integer GEMMs; the cpu backend on the
 CPU; on a GPU each of the cuda and triton backends that is available, with the attention
-fused where the softmax is log-quantized, run in fp16 like the baseline) and, on the CPU,
-torch's dynamic int8 quantization of the Linear layers. Each variant gets 3 warm-up calls, then the variants are timed in interleaved
+fused where the softmax is log-quantized, run in fp16 like the baseline) and the peers:
+on the CPU torch's dynamic int8 quantization of the Linear layers, on a GPU torchao's
+int8 dynamic quantization when its wheel is installed (skipped with the reason otherwise). Each variant gets 3 warm-up calls, then the variants are timed in interleaved
 rounds (one call each per round), so a shared machine's drift hits all of them alike. dinov2-s14-fmnist is
 quantized with repq on 128 Fashion-MNIST training images and the W8A8 deployment's top-1
 is compared with the fake-quantized model's on the first --eval-size test images;
@@ -163,6 +164,16 @@ def prepare(name: str, device: torch.device, eval_size: int):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             variants["torch dynamic int8"] = quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+    if device.type == "cuda":  # the GPU peer, when its wheel is installed and matches this torch
+        try:
+            from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+            peer = copy.deepcopy(model).half()
+            quantize_(peer, Int8DynamicActivationInt8WeightConfig())
+            variants["torchao int8 dynamic"] = peer
+        except Exception as exc:  # not installed, or an API or build that does not match
+            info["skipped"]["torchao int8 dynamic"] = f"{type(exc).__name__}: {exc}"
+            print(f"torchao int8 dynamic: skipped ({type(exc).__name__}: {exc})")
     if real_data and eval_size:
         test = load_dataset("fmnist", "test", dcfg)
         acc = {k: evaluate(variants[k], test, eval_size, 100, progress=False)
@@ -187,8 +198,8 @@ def bench_e2e(args, device, env) -> list[dict]:
         for batch in (int(b) for b in args.batches.split(",")):
             x = torch.randn(batch, 3, info["img_size"], info["img_size"], generator=torch.Generator().manual_seed(1))
             x = x.to(device)
-            inputs = {v: x.half() if v == "fp16" or (device.type == "cuda" and v.startswith("fastquant")) else x
-                      for v in variants}
+            inputs = {v: x.half() if v == "fp16" or (device.type == "cuda" and v.startswith(("fastquant", "torchao")))
+                      else x for v in variants}
             with torch.inference_mode():
                 timed = median_ms({v: (lambda m=m, xv=inputs[v]: m(xv)) for v, m in variants.items()}, args.reps)
             base = timed[first][0]
