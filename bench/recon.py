@@ -32,6 +32,7 @@ VARIANTS = {
     "pfcr-nodrop": ("pfcr", ["--recon-set", "qdrop_p=0.0"]),    # no QDrop (as brecq)
     "pfcr-nopos-carry1": ("pfcr", ["--no-pos", "--recon-set", "carry=1.0"]),
     "pfcr-nopos-nodrop": ("pfcr", ["--no-pos", "--recon-set", "qdrop_p=0.0"]),
+    "pfcr-nodrop-carry1": ("pfcr", ["--recon-set", "qdrop_p=0.0", "--recon-set", "carry=1.0"]),
 }
 RECON = ("brecq", "qdrop", "pfcr", "mgrq", *VARIANTS)
 STATE = ROOT / "bench" / "results" / "state"  # reconstruction states of unfinished runs (not committed)
