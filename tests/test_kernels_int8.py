@@ -99,16 +99,18 @@ def test_reference_matches_hand_computed_example():
 
 
 def test_reference_shapes_and_range():
-    x = torch.randn(2, 3, 50, dtype=torch.float16)
+    x = torch.randn(2, 3, 50, dtype=torch.float16, generator=torch.Generator().manual_seed(9))
     q, scale = torch_quantize_per_token_int8(x)
     assert q.shape == (2, 3, 50) and scale.shape == (2, 3)
     assert q.is_contiguous()
     # Every row reaches +-127 at its largest magnitude, and -128 never appears.
     assert torch.equal(q.abs().amax(dim=-1), torch.full((2, 3), 127, dtype=torch.int8))
     assert int(q.min()) >= -127
-    # Dequantizing is within half a step of the input.
+    # Dequantizing is within half a step of the input, plus the float32 rounding of q * scale
+    # (half an ulp of |x|): an input on a tie (x / scale = 63.5 for this seed) sits exactly
+    # half a step away, and the rounding can add to that.
     err = (q.float() * scale[..., None] - x.float()).abs()
-    assert bool((err <= scale[..., None] / 2 * (1 + 1e-6)).all())
+    assert bool((err <= scale[..., None] / 2 + 2.0 ** -23 * x.float().abs()).all())
 
 
 def test_reference_ties():
