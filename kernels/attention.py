@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from . import KernelSpec, check_qkv
+from ._attention_common import head_bases, head_qparams
 from .quant_int8 import _round_half_to_even
 
 # Where the midpoint (in value) of neighbouring levels 2^(-c/k) and 2^(-(c+1)/k) lies
@@ -113,19 +114,11 @@ def _quant_attention_kernel(
     (i+1)*BLOCK_M, h, :] in two passes over the keys (module docstring)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    q_base = q_ptr + b * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = k_ptr + b * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = v_ptr + b * stride_vb + h.to(tl.int64) * stride_vh
+    b, h, q_base, k_base, v_base = head_bases(pid_bh, H, q_ptr, k_ptr, v_ptr, stride_qb, stride_qh, stride_kb,
+                                              stride_kh, stride_vb, stride_vh)
 
     o: tl.constexpr = (QMAX + 1) // 2
-    s_q = tl.load(sq_ptr + h)
-    z_q = tl.load(zq_ptr + h)
-    s_k = tl.load(sk_ptr + h)
-    z_k = tl.load(zk_ptr + h)
-    s_v = tl.load(sv_ptr)
-    z_v = tl.load(zv_ptr)
+    s_q, z_q, s_k, z_k, s_v, z_v = head_qparams(sq_ptr, zq_ptr, sk_ptr, zk_ptr, sv_ptr, zv_ptr, h)
     p_scale = tl.load(ps_ptr)
     c_q = o - z_q.to(tl.int32)
     c_k = o - z_k.to(tl.int32)

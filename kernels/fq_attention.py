@@ -63,6 +63,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from . import KernelSpec, check_qkv
+from ._attention_common import head_bases, head_qparams
 from .quant_int8 import _round_half_to_even
 
 # 2^-0.5 rounded to float32 (torch.exp2(-0.5)): log-sqrt2's odd levels are it times 2^-n.
@@ -206,22 +207,14 @@ def _fq_attention_fwd_kernel(
     two passes over the keys (module docstring)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
+    b, h, q_base, k_base, v_base = head_bases(pid_bh, H, q_ptr, k_ptr, v_ptr, stride_qb, stride_qh, stride_kb,
+                                              stride_kh, stride_vb, stride_vh)
     bh = pid_bh.to(tl.int64)
-    q_base = q_ptr + b * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = k_ptr + b * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = v_ptr + b * stride_vb + h.to(tl.int64) * stride_vh
     keep_q_base = keep_q_ptr + bh * N * HEAD_DIM
     keep_k_base = keep_k_ptr + bh * N * HEAD_DIM
     keep_v_base = keep_v_ptr + bh * N * HEAD_DIM
     keep_p_base = keep_p_ptr + bh * N * N
-    s_q = tl.load(sq_ptr + h)
-    z_q = tl.load(zq_ptr + h)
-    s_k = tl.load(sk_ptr + h)
-    z_k = tl.load(zk_ptr + h)
-    s_v = tl.load(sv_ptr)
-    z_v = tl.load(zv_ptr)
+    s_q, z_q, s_k, z_k, s_v, z_v = head_qparams(sq_ptr, zq_ptr, sk_ptr, zk_ptr, sv_ptr, zv_ptr, h)
     p_scale = tl.load(ps_ptr)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -285,22 +278,14 @@ def _fq_attention_bwd_dq_kernel(
     and their delta (module docstring)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
+    b, h, q_base, k_base, v_base = head_bases(pid_bh, H, q_ptr, k_ptr, v_ptr, stride_qb, stride_qh, stride_kb,
+                                              stride_kh, stride_vb, stride_vh)
     bh = pid_bh.to(tl.int64)
-    q_base = q_ptr + b * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = k_ptr + b * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = v_ptr + b * stride_vb + h.to(tl.int64) * stride_vh
     do_base = do_ptr + b * stride_dob + h.to(tl.int64) * stride_doh
     keep_q_base = keep_q_ptr + bh * N * HEAD_DIM
     keep_k_base = keep_k_ptr + bh * N * HEAD_DIM
     keep_v_base = keep_v_ptr + bh * N * HEAD_DIM
-    s_q = tl.load(sq_ptr + h)
-    z_q = tl.load(zq_ptr + h)
-    s_k = tl.load(sk_ptr + h)
-    z_k = tl.load(zk_ptr + h)
-    s_v = tl.load(sv_ptr)
-    z_v = tl.load(zv_ptr)
+    s_q, z_q, s_k, z_k, s_v, z_v = head_qparams(sq_ptr, zq_ptr, sk_ptr, zk_ptr, sv_ptr, zv_ptr, h)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -356,23 +341,15 @@ def _fq_attention_bwd_dkdv_kernel(
     one (b, h), walking the queries in the forward's tiles (module docstring)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
+    b, h, q_base, k_base, v_base = head_bases(pid_bh, H, q_ptr, k_ptr, v_ptr, stride_qb, stride_qh, stride_kb,
+                                              stride_kh, stride_vb, stride_vh)
     bh = pid_bh.to(tl.int64)
-    q_base = q_ptr + b * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = k_ptr + b * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = v_ptr + b * stride_vb + h.to(tl.int64) * stride_vh
     do_base = do_ptr + b * stride_dob + h.to(tl.int64) * stride_doh
     keep_q_base = keep_q_ptr + bh * N * HEAD_DIM
     keep_k_base = keep_k_ptr + bh * N * HEAD_DIM
     keep_v_base = keep_v_ptr + bh * N * HEAD_DIM
     keep_p_base = keep_p_ptr + bh * N * N
-    s_q = tl.load(sq_ptr + h)
-    z_q = tl.load(zq_ptr + h)
-    s_k = tl.load(sk_ptr + h)
-    z_k = tl.load(zk_ptr + h)
-    s_v = tl.load(sv_ptr)
-    z_v = tl.load(zv_ptr)
+    s_q, z_q, s_k, z_k, s_v, z_v = head_qparams(sq_ptr, zq_ptr, sk_ptr, zk_ptr, sv_ptr, zv_ptr, h)
     p_scale = tl.load(ps_ptr)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
