@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.fastquant-installed
 FMNIST := $(or $(FASTQUANT_FMNIST),/usr/share/datasets/fashion-mnist)
 
-.PHONY: install data demo test bench clean
+.PHONY: install data demo test bench gpu-kit clean
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ test: install data
 
 bench: install data
 	$(PY) bench/run.py
+
+# What a bare GPU machine needs for bench/gpu_check.sh, in .gpu/ (git-ignored; see README).
+gpu-kit: install data
+	$(PY) bench/gpu_kit.py .gpu
 
 clean:
 	rm -rf $(VENV) build *.egg-info

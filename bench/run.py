@@ -38,11 +38,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -54,14 +55,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # -- environment -------------------------------------------------------------------------
 def commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
+    """The commit under test (bench/gpu_report.py: git, else FASTQUANT_COMMIT, else the GPU kit's)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_report import commit as _commit
+
+    return _commit()
 
 
 def device_name(dev: torch.device) -> str:
@@ -176,68 +174,116 @@ def prepare(name: str, device: torch.device, eval_size: int):
             print(f"torchao int8 dynamic: skipped ({type(exc).__name__}: {exc})")
     if real_data and eval_size:
         test = load_dataset("fmnist", "test", dcfg)
-        acc = {k: evaluate(variants[k], test, eval_size, 100, progress=False)
-               for k in variants if k.startswith(("fake W", "fastquant W"))}
-        acc = {"fp32": evaluate(model, test, eval_size, 100, progress=False), **acc}
+        acc = {"fp32": evaluate(model, test, eval_size, 100, progress=False)}
+        for k in [k for k in variants if k.startswith(("fake W", "fastquant W"))]:
+            try:
+                acc[k] = evaluate(variants[k], test, eval_size, 100, progress=False)
+            except Exception as exc:  # noqa: BLE001 - recorded, the other variants go on
+                info.setdefault("failed", {})[f"{k} evaluation"] = f"{type(exc).__name__}: {exc}"
+                print(f"{k}: evaluation FAILED ({type(exc).__name__}: {exc})", flush=True)
+                del variants[k]
         info["top1"] = acc
         info["eval_size"] = eval_size
     return variants, info
 
 
-def bench_e2e(args, device, env) -> list[dict]:
+def bench_e2e(args, device, env, save=lambda records: None) -> list[dict]:
+    """Every model of ``--models`` in turn; a model that fails is recorded with its error
+    (``e2e_error``) and the others still run. ``save(records)`` is called after each model."""
     records = []
     for name in args.models.split(","):
-        print(f"\n## {name}: preparing (quantize, convert{', evaluate' if name.endswith('-fmnist') else ''})",
-              flush=True)
-        variants, info = prepare(name, device, args.eval_size)
-        if "top1" in info:
-            print("top-1 on the first", info["eval_size"], "test images:",
-                  ", ".join(f"{k} {v:.2f}" for k, v in info["top1"].items()))
-        first = next(iter(variants))
-        print(f"\n| batch | variant | median ms | images/s | vs {first} |\n|---|---|---|---|---|")
-        for batch in (int(b) for b in args.batches.split(",")):
-            x = torch.randn(batch, 3, info["img_size"], info["img_size"], generator=torch.Generator().manual_seed(1))
-            x = x.to(device)
-            inputs = {v: x.half() if v == "fp16" or (device.type == "cuda" and v.startswith(("fastquant", "torchao")))
-                      else x for v in variants}
-            with torch.inference_mode():
-                timed = median_ms({v: (lambda m=m, xv=inputs[v]: m(xv)) for v, m in variants.items()}, args.reps)
-            base = timed[first][0]
-            for variant, (ms, n) in timed.items():
-                rec = {"name": "e2e", "model": name, "batch": batch, "variant": variant, "median_ms": round(ms, 3),
-                       "runs": n, "images_per_s": round(batch / ms * 1e3, 2), "baseline": first,
-                       "speedup": round(base / ms, 3), **env}
-                records.append(rec)
-                print(f"| {batch} | {variant} | {ms:.1f} | {rec['images_per_s']:.1f} | {base / ms:.2f}x |", flush=True)
-        if name == "vit_base_patch16_224" and device.type == "cuda":
-            at64 = {r["variant"]: r for r in records if r["model"] == name and r["batch"] == 64}
-            label = f"fastquant W8A8 {info['default_backend']}"
-            if label in at64:
-                records.append({"name": "target:gpu_e2e_w8a8", "model": name, "batch": 64, "variant": label,
-                                "speedup": at64[label]["speedup"], "baseline": "fp16 eager (SDPA)",
-                                **{f"speedup_{b}": at64[f"fastquant W8A8 {b}"]["speedup"]
-                                   for b in ("cuda", "triton") if f"fastquant W8A8 {b}" in at64}, **env})
-        if name == "dinov2-s14-fmnist" and device.type == "cpu":
-            at8 = {r["variant"]: r for r in records if r["model"] == name and r["batch"] == 8}
-            if "fastquant W8A8" in at8:
-                target = {"name": "target:cpu_e2e_w8a8", "model": name, "batch": 8,
-                          "speedup": at8["fastquant W8A8"]["speedup"], "baseline": "fp32 eager", **env}
-                if "top1" in info:
-                    target["accuracy_drop"] = round(info["top1"]["fake W8A8"] - info["top1"]["fastquant W8A8"], 2)
-                records.append(target)
-        records.append({"name": "e2e_info", "model": name, **info})
+        try:
+            _bench_model(name, args, device, env, records)
+        except Exception as exc:  # noqa: BLE001 - one model's failure must not lose the others' numbers
+            print(f"\n## {name}: FAILED ({type(exc).__name__}: {exc})", flush=True)
+            traceback.print_exc()
+            records.append({"name": "e2e_error", "model": name, "error": f"{type(exc).__name__}: {exc}", **env})
+        save(records)
     return records
 
 
-def bench_kernels(args, device, env) -> list[dict]:
+def _bench_model(name: str, args, device, env, records: list[dict]):
+    """Prepare one model's variants and time them at every batch size, appending to
+    ``records`` as it goes. A variant that fails when first run is dropped, with its error
+    in the model's ``e2e_info`` record (``failed``)."""
+    print(f"\n## {name}: preparing (quantize, convert{', evaluate' if name.endswith('-fmnist') else ''})",
+          flush=True)
+    variants, info = prepare(name, device, args.eval_size)
+    if "top1" in info:
+        print("top-1 on the first", info["eval_size"], "test images:",
+              ", ".join(f"{k} {v:.2f}" for k, v in info["top1"].items()))
+    first = next(iter(variants))
+    info_record = {"name": "e2e_info", "model": name, **info}
+    records.append(info_record)
+    print(f"\n| batch | variant | median ms | images/s | vs {first} |\n|---|---|---|---|---|")
+    for batch in (int(b) for b in args.batches.split(",")):
+        x = torch.randn(batch, 3, info["img_size"], info["img_size"], generator=torch.Generator().manual_seed(1))
+        x = x.to(device)
+        inputs = {v: x.half() if v == "fp16" or (device.type == "cuda" and v.startswith(("fastquant", "torchao")))
+                  else x for v in variants}
+        for v in list(variants)[1:]:  # the baseline must run; the others may fail alone
+            try:
+                with torch.inference_mode():
+                    variants[v](inputs[v])
+            except Exception as exc:  # noqa: BLE001 - recorded, the other variants go on
+                info_record.setdefault("failed", {})[f"{v} at batch {batch}"] = f"{type(exc).__name__}: {exc}"
+                print(f"{v}: FAILED at batch {batch} ({type(exc).__name__}: {exc})", flush=True)
+                del variants[v]
+        with torch.inference_mode():
+            timed = median_ms({v: (lambda m=m, xv=inputs[v]: m(xv)) for v, m in variants.items()}, args.reps)
+        base = timed[first][0]
+        for variant, (ms, n) in timed.items():
+            rec = {"name": "e2e", "model": name, "batch": batch, "variant": variant, "median_ms": round(ms, 3),
+                   "runs": n, "images_per_s": round(batch / ms * 1e3, 2), "baseline": first,
+                   "speedup": round(base / ms, 3), **env}
+            records.append(rec)
+            print(f"| {batch} | {variant} | {ms:.1f} | {rec['images_per_s']:.1f} | {base / ms:.2f}x |", flush=True)
+    if name == "vit_base_patch16_224" and device.type == "cuda":
+        at64 = {r["variant"]: r for r in records if r["model"] == name and r["batch"] == 64}
+        label = f"fastquant W8A8 {info['default_backend']}"
+        if label in at64:
+            records.append({"name": "target:gpu_e2e_w8a8", "model": name, "batch": 64, "variant": label,
+                            "speedup": at64[label]["speedup"], "baseline": "fp16 eager (SDPA)",
+                            **{f"speedup_{b}": at64[f"fastquant W8A8 {b}"]["speedup"]
+                               for b in ("cuda", "triton") if f"fastquant W8A8 {b}" in at64}, **env})
+    if name == "dinov2-s14-fmnist" and device.type == "cpu":
+        at8 = {r["variant"]: r for r in records if r["model"] == name and r["batch"] == 8}
+        if "fastquant W8A8" in at8:
+            target = {"name": "target:cpu_e2e_w8a8", "model": name, "batch": 8,
+                      "speedup": at8["fastquant W8A8"]["speedup"], "baseline": "fp32 eager", **env}
+            if "top1" in info:
+                target["accuracy_drop"] = round(info["top1"]["fake W8A8"] - info["top1"]["fastquant W8A8"], 2)
+            records.append(target)
+
+
+def bench_kernels(args, device, env, save=lambda records: None) -> list[dict]:
+    """The kernel benchmarks, key figures first (W8A8 GEMM, attention, reconstruction step,
+    then per-token quantization); one that fails is recorded with its error
+    (``kernel_error``) and the others still run. ``save(records)`` is called after each."""
     if device.type != "cuda":
         reason = "no CUDA device"
         print(f"\n## kernels: skipped ({reason})")
         return [{"name": "kernels", "skipped": reason, **env}]
+    records = []
+    for bench in (bench_gemm, bench_attention, bench_recon_step, bench_quantize):
+        try:
+            records += bench(args, device, env)
+        except Exception as exc:  # noqa: BLE001 - one kernel's failure must not lose the others' numbers
+            print(f"\n## {bench.__name__}: FAILED ({type(exc).__name__}: {exc})", flush=True)
+            traceback.print_exc()
+            records.append({"name": "kernel_error", "bench": bench.__name__, "error": f"{type(exc).__name__}: {exc}",
+                            **env})
+        save(records)
+    return records
+
+
+def bench_quantize(args, device, env) -> list[dict]:
+    """Per-token symmetric int8 quantization: the op (CUDA extension, else Triton) against
+    its PyTorch reference."""
     from fastquant.ops import quantize_per_token_int8, torch_quantize_per_token_int8
 
     records = []
-    print("\n## kernels\n\n| kernel | shape | reference ms | fastquant ms | speed-up |\n|---|---|---|---|---|")
+    print("\n| kernel | shape | reference ms | fastquant ms | speed-up |\n|---|---|---|---|---|")
     for rows, cols in ((64 * 197, 768), (64 * 197, 3072)):
         x = torch.randn(rows, cols, device=device, dtype=torch.float16)
         timed = median_ms({"ref": lambda: torch_quantize_per_token_int8(x), "fast": lambda: quantize_per_token_int8(x)},
@@ -245,10 +291,7 @@ def bench_kernels(args, device, env) -> list[dict]:
         ref, fast = timed["ref"][0], timed["fast"][0]
         records.append({"name": "kernel:quantize_per_token_int8", "shape": [rows, cols], "reference_ms": ref,
                         "fastquant_ms": fast, "speedup": ref / fast, **env})
-        print(f"| quantize_per_token_int8 | {rows}x{cols} | {ref:.3f} | {fast:.3f} | {ref / fast:.2f}x |")
-    records += bench_gemm(args, device, env)
-    records += bench_attention(args, device, env)
-    records += bench_recon_step(args, device, env)
+        print(f"| quantize_per_token_int8 | {rows}x{cols} | {ref:.3f} | {fast:.3f} | {ref / fast:.2f}x |", flush=True)
     return records
 
 
@@ -537,16 +580,26 @@ def main(argv=None):
     env = {"device": device_name(device), "commit": commit(), **versions()}
     print(f"device: {env['device']}; torch {env['torch']}, timm {env['timm']}, triton {env['triton']}; "
           f"commit {env['commit']}")
-    records = []
-    if "e2e" in sections:
-        records += bench_e2e(args, device, env)
-    if "kernels" in sections:
-        records += bench_kernels(args, device, env)
-    elif "recon" in sections:  # the kernels section includes it
-        records += bench_recon_step(args, device, env)
     out = args.json or ROOT / "bench" / "results" / f"run_{'cuda' if device.type == 'cuda' else 'cpu'}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), **env, "records": records}, indent=2) + "\n")
+    done: list[dict] = []  # the records of finished sections
+
+    def save(current: list[dict]):
+        """Write every record so far (finished sections and the one running): a run cut
+        short (a deadline, a crash) keeps what it measured."""
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+        tmp.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), **env, "records": done + current}, indent=2)
+                       + "\n")
+        os.replace(tmp, out)
+
+    if "e2e" in sections:
+        done += bench_e2e(args, device, env, save)
+        save([])
+    if "kernels" in sections:
+        done += bench_kernels(args, device, env, save)
+    elif "recon" in sections:  # the kernels section includes it
+        done += bench_recon_step(args, device, env)
+    save([])
     print(f"\nsaved {out}")
 
 

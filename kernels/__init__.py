@@ -21,6 +21,7 @@ Conventions every kernel module follows:
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,45 @@ except ImportError as exc:
 else:
     TRITON_AVAILABLE = True
     TRITON_REASON = ""
+
+
+def interpreting() -> bool:
+    """Whether TRITON_INTERPRET asks for Triton's CPU interpreter (read, as Triton reads it,
+    when a kernel module is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on")
+
+
+def _interpreter_numpy_compat() -> None:
+    """Let Triton 3.6's CPU interpreter run with numpy >= 2.4.
+
+    The interpreter holds every scalar as a one-element numpy array and turns it into a
+    Python integer with ``int(array)`` (``range(0, N, BLOCK)`` with a run-time N does), which
+    numpy 2.4 refuses for arrays that are not 0-dimensional. This replaces that conversion by
+    ``int(array.reshape(-1)[0])`` for one-element arrays; everything else is unchanged. It is
+    applied only under the interpreter, and only where the interpreter has the hook it
+    patches (a Triton that fixed this, or moved it, is left alone).
+    """
+    import numpy as np
+    from triton.runtime import interpreter
+
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None or getattr(patch_tensor, "_fastquant_numpy_compat", False):
+        return
+
+    def index(self):
+        data = self.handle.data
+        return int(np.asarray(data).reshape(-1)[0]) if np.size(data) == 1 else int(data)
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", index)
+
+    patched._fastquant_numpy_compat = True
+    interpreter._patch_lang_tensor = patched
+
+
+if TRITON_AVAILABLE and interpreting():
+    _interpreter_numpy_compat()
 
 
 @dataclass(frozen=True)

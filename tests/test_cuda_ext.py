@@ -8,15 +8,15 @@ import copy
 
 import pytest
 import torch
-from test_kernels_attention import check_against_twin, make_inputs  # tests/ is on sys.path
+from _marks import dinov2_weights_missing, fmnist_missing, gpu_marks  # tests/ is on sys.path
+from test_kernels_attention import check_against_twin, make_inputs
 
 from fastquant import backends
 from fastquant.ops.int8_linear import pack_int4_t, torch_int8_gemm, torch_quantize_asym
 
-pytestmark = pytest.mark.skipif(
-    not (torch.cuda.is_available() and backends.CUDA_EXT_AVAILABLE),
-    reason="needs a CUDA GPU and the CUDA extension" + (f" ({backends.CUDA_EXT_REASON})" if backends.CUDA_EXT_REASON
-                                                         else ""))
+pytestmark = gpu_marks("needs a CUDA GPU and the CUDA extension"
+                       + (f" ({backends.CUDA_EXT_REASON})" if backends.CUDA_EXT_REASON else ""),
+                       extra_condition=not backends.CUDA_EXT_AVAILABLE)
 
 
 def _x(rows, cols, dtype, seed=0):
@@ -92,6 +92,8 @@ def test_quant_attention_matches_the_twin(n, a_bits, p_steps, p_bits, dtype):
     assert r["shape_ok"] and r["within_allowed"] and r["beyond_tight"] <= max(8, r["elements"] // 1000), r
 
 
+@pytest.mark.skipif(bool(dinov2_weights_missing() or fmnist_missing()),
+                    reason=dinov2_weights_missing() or fmnist_missing())
 def test_cuda_deployment_keeps_the_predictions():
     """convert(model.cuda(), 'cuda') on dinov2-s14-fmnist (head dim 64, 65 tokens): every
     linear layer on the CUDA GEMM, every attention fused, predictions as the fake-quant model's."""

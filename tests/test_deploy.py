@@ -1,6 +1,7 @@
 """Deployment: integer linear layers against the fake-quant layers they replace."""
 import pytest
 import torch
+from _marks import needs_gpu  # tests/_marks.py
 from torch import nn
 
 import fastquant
@@ -218,7 +219,7 @@ def test_deployed_model_saves_and_loads_as_integers(tiny, tiny_data, tmp_path):
         assert torch.equal(loaded(x), dep(x))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_gpu
 def test_triton_deployment_on_gpu(tiny_w8a8, tiny_data):
     """convert(model.cuda(), 'triton') runs every linear layer on the Triton kernels and keeps
     the fake-quantized model's predictions."""
@@ -278,7 +279,7 @@ def test_why_not_fused_names_the_reason(tiny, tiny_data):
         assert match in why_not_fused(q.blocks[0].attn)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_gpu
 def test_triton_deployment_fuses_attention_on_gpu(tiny, tiny_data):
     """With a log-quantized softmax, convert(..., 'triton') also fuses every attention
     (kernels/attention.py) and keeps the fake-quantized model's predictions."""

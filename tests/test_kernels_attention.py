@@ -31,11 +31,11 @@ import math
 import pytest
 import torch
 from _interp import run_interpreted  # tests/_interp.py (the tests folder is on sys.path)
+from _marks import needs_gpu  # tests/_marks.py
 
 from fastquant.ops.attention import _codes, log_codes, torch_quant_attention
 from fastquant.quantizers import range_to_qparams
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 # name -> (B, H, N, D, input dtype, a_bits, p_steps, p_bits, p_scale, gain, blocks, out dtype)
 # gain scales q and k (per head, times 1, 1.5, 2, ...): larger gains give peakier softmaxes,

@@ -21,6 +21,10 @@ of the three products (in another order), exp, log2 and the softmax's row sum. T
    magnitudes of the gradient's terms (``|dS| <= P (|dO| |V~|^T + rowsum(P |dO| |V~|^T))``
    times |K~| or |Q~|, and times the LSQ factors for the steps): the kernel takes
    rowsum(dP P) as dO . (P V~), another rounding of the same sum, so its dS is a residue.
+   ds_q and ds_k always get that ulp of M as well: each is one sum over a whole head of
+   terms that cancel (M reaches 10^5 times the result), taken in another order than the
+   twin's, so how close the twin's own order happens to land is no yardstick (seen: a
+   twin error of 4e-5 and a kernel error of 1.1e-4 on a case with M = 6.7e5).
 2. O, dv and ds_v go through P~: a probability within rounding distance of the midpoint of
    two log levels (or of the zero code's threshold) may take the other level on one side.
    Bounds derived per element, from the twin's fp32 intermediates:
@@ -50,13 +54,14 @@ import math
 import pytest
 import torch
 from _interp import run_interpreted  # tests/_interp.py (the tests folder is on sys.path)
+from _marks import needs_gpu_with  # tests/_marks.py
 
 from fastquant.ops.attention import log_codes
 from fastquant.ops.fq_attention import fake_quant_operand, log_fake_quant, torch_fq_attention
 from fastquant.quantizers import range_to_qparams
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the kernels run in "
-                               "the interpreter here; this checks compiled GPU numerics at ViT-B scale)")
+needs_gpu = needs_gpu_with("needs a CUDA GPU (the kernels run in the interpreter here; this checks compiled "
+                           "GPU numerics at ViT-B scale)")
 
 # name -> (B, H, N, D, a_bits, p_steps, p_bits, p_scale, gain, masks, blocks)
 # gain scales q and k (per head, times 1, 1.5, 2, ...): larger gains give peakier softmaxes,
@@ -246,7 +251,8 @@ def compare(got_out, got_grads, args, grad) -> dict:
         err_k = float((got.double() - t64).abs().max())
         err_t = float((t32.double() - t64).abs().max())
         ref_max = float(t64.abs().max())
-        allowed = 2 * err_t + 2.0 ** -20 * ref_max + (2.0 ** -24 * bd["mags"][name] if err_t == 0 else 0.0)
+        one_ulp_of_m = err_t == 0 or name in ("ds_q", "ds_k")
+        allowed = 2 * err_t + 2.0 ** -20 * ref_max + (2.0 ** -24 * bd["mags"][name] if one_ulp_of_m else 0.0)
         r[name] = {"err": err_k, "twin_err": err_t, "ref_max": ref_max, "magnitude": bd["mags"][name],
                    "allowed": allowed, "ok": err_k <= allowed}
     # rule 2

@@ -46,6 +46,7 @@ import math
 import pytest
 import torch
 from _interp import run_interpreted  # tests/_interp.py (the tests folder is on sys.path)
+from _marks import needs_gpu  # tests/_marks.py
 
 from fastquant.modules import QuantLinear
 import fastquant.ops.fq_linear as fq_mod
@@ -53,7 +54,6 @@ from fastquant.ops.fq_linear import (fq_grids, fq_linear, fused_recon_linear, to
                                      torch_fq_linear_backward, torch_fq_linear_forward)
 from fastquant.recon.learnable import ActQuant, AdaRoundWeight, keep_mask
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 U16, EPS_H = 2.0 ** -11, 2.0 ** -19
 

@@ -10,11 +10,11 @@ bf16 output within one unit in the last place of the correctly rounded reference
 import pytest
 import torch
 from _interp import run_interpreted  # tests/_interp.py (the tests folder is on sys.path)
+from _marks import needs_gpu  # tests/_marks.py
 
 from fastquant.deploy import Int8Linear
 from fastquant.ops.int8_linear import torch_int8_gemm, torch_quantize_asym
 
-needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 # name -> (code building x, bits, calibrated (scale, zero) or None, keyword arguments)
 QUANTIZE_CASES = {

@@ -112,8 +112,8 @@ def backbone_state_dict() -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file, save_file
 
     path = cache_dir() / CACHE_NAME
-    if path.is_file():
-        return load_file(str(path))
+    if path.is_file():  # float32, or the GPU kit's float16 copy (bench/gpu_kit.py)
+        return {k: v.float() for k, v in load_file(str(path)).items()}
     sd = convert_onnx(find_onnx())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
