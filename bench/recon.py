@@ -34,7 +34,16 @@ VARIANTS = {
     "pfcr-nopos-nodrop": ("pfcr", ["--no-pos", "--recon-set", "qdrop_p=0.0"]),
     "pfcr-nodrop-carry1": ("pfcr", ["--recon-set", "qdrop_p=0.0", "--recon-set", "carry=1.0"]),
 }
-RECON = ("brecq", "qdrop", "pfcr", "mgrq", *VARIANTS)
+
+
+def recon_rows() -> tuple[str, ...]:
+    """The reconstruction rows: every registered method (fastquant.recon's registry) and the variants."""
+    from fastquant.recon import methods
+
+    return (*methods(), *VARIANTS)
+
+
+
 STATE = ROOT / "bench" / "results" / "state"  # reconstruction states of unfinished runs (not committed)
 
 
@@ -42,7 +51,7 @@ def command(model, method, w, a, budget, eval_size, js, state=None):
     base, extra = VARIANTS.get(method, (method, []))
     cmd = [sys.executable, "-m", "fastquant.cli", "quantize", "--model", model, "--data", "fmnist",
            "--method", base, "--w-bits", str(w), "--a-bits", str(a), "--eval-size", str(eval_size)]
-    if method in RECON:
+    if method in recon_rows():
         cmd += ["--budget", budget]
     cmd += extra
     if state is not None:
@@ -57,7 +66,7 @@ def main(argv=None):
     p.add_argument("--budget", default="cpu", choices=("cpu", "full"))
     p.add_argument("--eval-size", type=int, default=2000)
     p.add_argument("--methods", default="rtn,repq,brecq,qdrop,pfcr,pfcr-nopos,mgrq",
-                   help=f"rows: rtn, repq, brecq, qdrop, pfcr, mgrq and the PFCR variants {', '.join(VARIANTS)}")
+                   help=f"rows: rtn, repq, the reconstruction methods and the PFCR variants {', '.join(VARIANTS)}")
     p.add_argument("--name", default="", help="suffix of the summary file: recon_<model>_<budget>[_NAME].json "
                                               "(keeps the main table apart from ablation runs)")
     p.add_argument("--table-only", action="store_true",
@@ -66,16 +75,18 @@ def main(argv=None):
     runs = ROOT / "bench" / "results" / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     STATE.mkdir(parents=True, exist_ok=True)
-    unknown = [m for m in args.methods.split(",") if m not in ("rtn", "repq", *RECON)]
+    from fastquant.config import CALIB_PRESETS
+
+    unknown = [m for m in args.methods.split(",") if m not in (*CALIB_PRESETS, *recon_rows())]
     if unknown:
         sys.exit(f"unknown rows: {', '.join(unknown)} (see --help)")
     records = []
     for setting in args.settings.split(","):
         w, a = (int(v) for v in setting.split("/"))
         for method in args.methods.split(","):
-            tag = f"{args.budget}_" if method in RECON else ""
+            tag = f"{args.budget}_" if method in recon_rows() else ""
             js = runs / f"{args.model}_{method}_{tag}w{w}a{a}.json"
-            state = STATE / js.stem if method in RECON else None  # a stopped run continues from here
+            state = STATE / js.stem if method in recon_rows() else None  # a stopped run continues from here
             cmd = command(args.model, method, w, a, args.budget, args.eval_size, js, state)
             shown = " ".join(["fastquant"] + command(args.model, method, w, a, args.budget, args.eval_size, js)[3:-2])
             if not js.is_file():

@@ -52,6 +52,24 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The shapes the kernel benchmarks time: real ViT-S/B layers (64 images of 197 tokens), or, with
+# --smoke, tiny ones that run the same code on the CPU through Triton's interpreter (every line
+# of the GPU benchmarks executed, nothing timed that means anything), so that a broken
+# benchmark shows on a CPU machine before the GPU run.
+SHAPES = {
+    "quantize": [(64 * 197, 768), (64 * 197, 3072)],
+    "gemm": [(64 * 197, 768, 3072), (64 * 197, 3072, 768), (64 * 197, 768, 2304), (64 * 197, 384, 1536),
+             (64 * 197, 1536, 384)],
+    "attention": [(64, 12, 197, 64), (64, 6, 197, 64)],
+    "recon_step": ("vit_base_patch16_224", 224, 32, 5),  # model, image size, batch, steps compared
+}
+SMOKE_SHAPES = {
+    "quantize": [(17, 64)],
+    "gemm": [(33, 64, 48)],
+    "attention": [(1, 12, 17, 64)],
+    "recon_step": ("vit_tiny_patch16_224", 32, 2, 2),
+}
+
 
 # -- environment -------------------------------------------------------------------------
 def commit() -> str:
@@ -155,7 +173,7 @@ def prepare(name: str, device: torch.device, eval_size: int):
                 info["skipped"][label] = str(exc)
                 print(f"{label}: skipped ({exc})")
             else:
-                info.setdefault("fused_attention", {})[label] = len(dep.fastquant_deploy["fused_attention"])
+                info.setdefault("fused_attention", {})[label] = len(fastquant.record_of(dep).deploy.fused_attention)
     if device.type == "cpu":
         from torch.ao.quantization import quantize_dynamic
 
@@ -260,7 +278,7 @@ def bench_kernels(args, device, env, save=lambda records: None) -> list[dict]:
     """The kernel benchmarks, key figures first (W8A8 GEMM, attention, reconstruction step,
     then per-token quantization); one that fails is recorded with its error
     (``kernel_error``) and the others still run. ``save(records)`` is called after each."""
-    if device.type != "cuda":
+    if device.type != "cuda" and not args.smoke:
         reason = "no CUDA device"
         print(f"\n## kernels: skipped ({reason})")
         return [{"name": "kernels", "skipped": reason, **env}]
@@ -284,7 +302,7 @@ def bench_quantize(args, device, env) -> list[dict]:
 
     records = []
     print("\n| kernel | shape | reference ms | fastquant ms | speed-up |\n|---|---|---|---|---|")
-    for rows, cols in ((64 * 197, 768), (64 * 197, 3072)):
+    for rows, cols in args.shapes["quantize"]:
         x = torch.randn(rows, cols, device=device, dtype=torch.float16)
         timed = median_ms({"ref": lambda: torch_quantize_per_token_int8(x), "fast": lambda: quantize_per_token_int8(x)},
                           args.reps)
@@ -295,32 +313,32 @@ def bench_quantize(args, device, env) -> list[dict]:
     return records
 
 
-def _cuda_ext():
-    """fastquant._C (the CUDA C++ kernels) when it is built, else None (with the reason printed)."""
+def _has_cuda_backend() -> bool:
+    """Whether the cuda backend (the CUDA C++ kernels) is registered (else the reason is printed)."""
     from fastquant import backends
 
     if not backends.CUDA_EXT_AVAILABLE:
         print(f"CUDA C++ kernels: not measured ({backends.CUDA_EXT_REASON})")
-        return None
-    from fastquant import _C
-
-    return _C
+    return backends.CUDA_EXT_AVAILABLE
 
 
 def bench_gemm(args, device, env) -> list[dict]:
     """The W8A8 linear layer (Triton quantize + int8 GEMM with its epilogue) against fp16
     torch.matmul (cuBLAS) and the PyTorch reference path, at ViT-S/B layer shapes; and the
     GEMM with packed 4-bit weights (W4A8)."""
-    from fastquant.kernels.int8_linear import pack_int4_t, triton_int8_gemm, triton_quantize_asym
-    from fastquant.ops.int8_linear import torch_quantize_asym
+    from fastquant.ops.int8_linear import INT8_GEMM, QUANTIZE_ASYM, pack_weight_int4, torch_quantize_asym
 
-    cuda_ext = _cuda_ext()
+    def triton_quantize_asym(x, bits):
+        return QUANTIZE_ASYM(x, bits, backend="triton")
+
+    def triton_int8_gemm(*a):
+        return INT8_GEMM(*a, backend="triton")
+
+    cuda = _has_cuda_backend()
     records = []
     print("\n| W8A8 linear | M x K x N | fp16 matmul ms | reference ms | GEMM ms (TFLOP/s) | quantize+GEMM ms "
           "| W4A8 GEMM ms | GEMM vs fp16 |\n|---|---|---|---|---|---|---|---|")
-    shapes = [(64 * 197, 768, 3072), (64 * 197, 3072, 768), (64 * 197, 768, 2304), (64 * 197, 384, 1536),
-              (64 * 197, 1536, 384)]
-    for m, k, n in shapes:
+    for m, k, n in args.shapes["gemm"]:
         gen = torch.Generator(device=device).manual_seed(0)
         x = torch.randn(m, k, device=device, dtype=torch.float16, generator=gen)
         w16 = torch.randn(k, n, device=device, dtype=torch.float16, generator=gen)
@@ -330,7 +348,7 @@ def bench_gemm(args, device, env) -> list[dict]:
         b_sum = b.float().sum(0)
         bias = torch.randn(n, device=device)
         a, rowsum, s_x, c_x = triton_quantize_asym(x, 8)
-        b4 = pack_int4_t(torch.randint(-8, 8, (k, n), device=device, dtype=torch.int8, generator=gen))
+        b4 = pack_weight_int4(torch.randint(-8, 8, (k, n), device=device, dtype=torch.int8, generator=gen))
 
         def reference():  # the PyTorch path: quantize, int8 GEMM (torch._int_mm), float epilogue
             a_r, rs, sx, cx = torch_quantize_asym(x, 8)
@@ -348,11 +366,12 @@ def bench_gemm(args, device, env) -> list[dict]:
             "linear": linear,
             "gemm_w4": lambda: triton_int8_gemm(a, b4, rowsum, s_x, c_x, s_w, c_w, b_sum, bias, torch.float16),
         }
-        if cuda_ext is not None:  # the CUDA C++ kernels on the same operands
-            fns["cuda_gemm"] = lambda: cuda_ext.int8_gemm(a, b, rowsum, s_x, c_x, s_w, c_w, b_sum, bias, torch.float16)
-            fns["cuda_gemm_w4"] = lambda: cuda_ext.int8_gemm(a, b4, rowsum, s_x, c_x, s_w, c_w, b_sum, bias,
-                                                             torch.float16)
-            fns["cuda_quantize"] = lambda: cuda_ext.quantize_asym(x, 8)
+        if cuda:  # the CUDA C++ kernels on the same operands
+            fns["cuda_gemm"] = lambda: INT8_GEMM(a, b, rowsum, s_x, c_x, s_w, c_w, b_sum, bias, torch.float16,
+                                                 backend="cuda")
+            fns["cuda_gemm_w4"] = lambda: INT8_GEMM(a, b4, rowsum, s_x, c_x, s_w, c_w, b_sum, bias, torch.float16,
+                                                    backend="cuda")
+            fns["cuda_quantize"] = lambda: QUANTIZE_ASYM(x, 8, backend="cuda")
             fns["triton_quantize"] = lambda: triton_quantize_asym(x, 8)
         timed = median_ms(fns, args.reps)
         ms = {key: v[0] for key, v in timed.items()}
@@ -363,7 +382,7 @@ def bench_gemm(args, device, env) -> list[dict]:
         records.append(rec)
         print(f"| | {m}x{k}x{n} | {ms['fp16']:.3f} | {ms['reference']:.3f} | {ms['gemm']:.3f} ({tflops:.0f}) | "
               f"{ms['linear']:.3f} | {ms['gemm_w4']:.3f} | {ms['fp16'] / ms['gemm']:.2f}x |", flush=True)
-        if cuda_ext is not None:
+        if cuda:
             print(f"|   CUDA C++ | {m}x{k}x{n} | GEMM {ms['cuda_gemm']:.3f} ms ({ms['gemm'] / ms['cuda_gemm']:.2f}x the "
                   f"Triton one), W4A8 {ms['cuda_gemm_w4']:.3f} ms, quantize {ms['cuda_quantize']:.3f} ms (Triton "
                   f"{ms['triton_quantize']:.3f}) | | | | | |", flush=True)
@@ -385,15 +404,15 @@ def bench_attention(args, device, env) -> list[dict]:
     (6 bits), fastquant's default at 6-bit activations."""
     import torch.nn.functional as F
 
-    from fastquant.kernels.attention import triton_quant_attention
-    from fastquant.quantizers import range_to_qparams
+    from fastquant.ops.attention import QUANT_ATTENTION
+    from fastquant.quant import range_to_qparams
 
-    cuda_ext = _cuda_ext()
+    cuda = _has_cuda_backend()
     records = []
     a_bits, p_steps, p_bits = 6, 2, 6
     print("\n| attention | B x H x N x D | SDPA fp16 ms | SDPA + transpose ms | fastquant ms | vs SDPA |"
           "\n|---|---|---|---|---|---|")
-    for batch, heads, n, d in ((64, 12, 197, 64), (64, 6, 197, 64)):
+    for batch, heads, n, d in args.shapes["attention"]:
         gen = torch.Generator(device=device).manual_seed(0)
         qkv = torch.randn(batch, n, 3, heads, d, device=device, dtype=torch.float16, generator=gen)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
@@ -405,8 +424,11 @@ def bench_attention(args, device, env) -> list[dict]:
         p_scale = torch.ones((), device=device)
         sm_scale = d ** -0.5
 
+        op_args = (q, k, v, *qparams[:4], float(qparams[4]), float(qparams[5]), a_bits, sm_scale, float(p_scale),
+                   p_steps, p_bits)
+
         def fused():
-            return triton_quant_attention(q, k, v, *qparams, a_bits, sm_scale, p_scale, p_steps, p_bits)
+            return QUANT_ATTENTION(*op_args, backend="triton")
 
         fns = {
             "sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
@@ -414,12 +436,8 @@ def bench_attention(args, device, env) -> list[dict]:
                 batch, n, heads * d),
             "fastquant": fused,
         }
-        if cuda_ext is not None:  # the CUDA C++ kernel with the same quantizers
-            levels = p_scale * torch.exp2(-torch.arange((1 << p_bits), device=device) / p_steps)
-            levels[-1] = 0.0
-            fns["cuda"] = lambda: cuda_ext.quant_attention(
-                q, k, v, *qparams[:4], float(qparams[4]), float(qparams[5]), a_bits, sm_scale, levels.float(),
-                float(p_scale), p_steps, p_bits, torch.float16)
+        if cuda:  # the CUDA C++ kernel with the same quantizers
+            fns["cuda"] = lambda: QUANT_ATTENTION(*op_args, backend="cuda")
         timed = median_ms(fns, args.reps)
         ms = {key: val[0] for key, val in timed.items()}
         shape = [batch, heads, n, d]
@@ -430,7 +448,7 @@ def bench_attention(args, device, env) -> list[dict]:
         records.append(rec)
         print(f"| | {batch}x{heads}x{n}x{d} | {ms['sdpa']:.3f} | {ms['sdpa_transpose']:.3f} | "
               f"{ms['fastquant']:.3f} | {ms['sdpa'] / ms['fastquant']:.2f}x |", flush=True)
-        if cuda_ext is not None:
+        if cuda:
             rec["cuda_ms"] = round(ms["cuda"], 4)
             rec["cuda_vs_triton"] = round(ms["fastquant"] / ms["cuda"], 3)
             print(f"|   CUDA C++ | {batch}x{heads}x{n}x{d} | | | {ms['cuda']:.3f} | {ms['sdpa'] / ms['cuda']:.2f}x |",
@@ -442,7 +460,7 @@ def bench_attention(args, device, env) -> list[dict]:
     return records
 
 
-def _recon_step_setup(model_name: str, batch: int, device: torch.device, seed: int = 0):
+def _recon_step_setup(model_name: str, batch: int, device: torch.device, seed: int = 0, img: int = 224):
     """A reconstruction unit as fastquant.recon.engine trains it, self-contained: block 1 of a
     randomly initialised timm ``model_name`` quantized W4A4 (rtn, random calibration images),
     its float input tokens (block 0 of the float model on ``batch`` random images) and its
@@ -455,25 +473,25 @@ def _recon_step_setup(model_name: str, batch: int, device: torch.device, seed: i
     (grid path in bf16, fused op off: the CUDA default before the fused op), ``reference``
     (plain fake-quant layers in fp32: ``matmul_dtype="float32"``)."""
     import fastquant
-    import fastquant.ops.fq_linear as fq
+    from fastquant import settings
     from fastquant._compat import import_timm
-    from fastquant.modules import QuantLinear
+    from fastquant.adapters import embed
+    from fastquant.nn import QuantLinear
+    from fastquant.recon import LearnableState
     from fastquant.recon.config import LR_ROUND, ReconConfig
-    from fastquant.recon.learnable import LearnableState
-    from fastquant.recon.units import embed
 
     timm = import_timm()
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = timm.create_model(model_name, pretrained=False).to(device).eval()
+        model = timm.create_model(model_name, pretrained=False, img_size=img).to(device).eval()
     gen = torch.Generator().manual_seed(seed)
-    calib = torch.randn(8, 3, 224, 224, generator=gen).to(device)
+    calib = torch.randn(8, 3, img, img, generator=gen).to(device)
     q = fastquant.quantize(model, calib, fastquant.QuantConfig(w_bits=4, a_bits=4, method="rtn"), progress=False)
     for p in list(model.parameters()) + list(q.parameters()):
         p.requires_grad_(False)
     with torch.no_grad():
-        tokens = model.blocks[0](embed(model, torch.randn(batch, 3, 224, 224, generator=gen).to(device)))
+        tokens = model.blocks[0](embed(model, torch.randn(batch, 3, img, img, generator=gen).to(device)))
         target = model.blocks[1](tokens)
     cfg = ReconConfig(method="qdrop")
 
@@ -485,23 +503,21 @@ def _recon_step_setup(model_name: str, batch: int, device: torch.device, seed: i
         scales = [a.scale for a in acts if a.scale is not None]
         for p in alphas + scales:
             p.requires_grad_(True)
-        for _, w in weights:
-            w.soft = True
         drop_gen = torch.Generator(device=device).manual_seed(seed)
-        for a in acts:
-            a.drop_p, a.generator = cfg.resolved("qdrop_p"), drop_gen
+        state.start_training(weights, acts, drop_gen)
+        state.enter_stage(weights, acts, False, False, cfg.resolved("qdrop_p"))
         dtype = {"fused": torch.bfloat16, "bf16_grid": torch.bfloat16, "reference": None}[variant]
         for m in block.modules():
             if isinstance(m, QuantLinear):
-                m.grid_dtype = dtype
+                m.set_grid_dtype(dtype)
         opt = torch.optim.Adam([{"params": alphas, "lr": LR_ROUND * 10}, {"params": scales, "lr": cfg.lr_act}])
 
         def step() -> torch.Tensor:
-            fq.FUSED_RECON = variant == "fused"
-            fit = torch.nn.functional.mse_loss(block(tokens), target)
-            loss = fit + cfg.round_weight * sum(w.regularizer(cfg.beta[0]) for _, w in weights) if reg else fit
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            with settings.overridden(fused_recon=variant == "fused"):
+                fit = torch.nn.functional.mse_loss(block(tokens), target)
+                loss = fit + cfg.round_weight * sum(w.regularizer(cfg.beta[0]) for _, w in weights) if reg else fit
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
             opt.step()
             return fit.detach()
 
@@ -514,36 +530,32 @@ def bench_recon_step(args, device, env) -> list[dict]:
     """One reconstruction training step (forward, backward, Adam) of a ViT-B block at batch 32
     (197 tokens), W4A4 with AdaRound, LSQ and QDrop p = 0.5: the fused fake-quant linear and
     attention ops (Triton; fp16 grids for the linear layers; one switch,
-    ``fastquant.ops.fq_linear.FUSED_RECON``) against the reference fake-quant path in fp32 and the bf16 grid
+    ``fastquant.settings.fused_recon()``) against the reference fake-quant path in fp32 and the bf16 grid
     product, each on its own copy of the same block with the same seed; and the loss over a
     few steps of each without the regulariser (they should agree to fp16 operand rounding).
     The timed steps include the regulariser, as the engine's steps after its warm-up do."""
-    if device.type != "cuda":
+    if device.type != "cuda" and not args.smoke:
         reason = "no CUDA device"
         print(f"\n## recon step: skipped ({reason})")
         return [{"name": "recon_step", "skipped": reason, **env}]
-    import fastquant.ops.fq_linear as fq
     from fastquant import backends
 
     if not backends.TRITON_AVAILABLE:
         print(f"\n## recon step: skipped ({backends.TRITON_REASON})")
         return [{"name": "recon_step", "skipped": backends.TRITON_REASON, **env}]
-    model_name, batch, n_steps = "vit_base_patch16_224", 32, 5
-    make = _recon_step_setup(model_name, batch, device)
-    old = fq.FUSED_RECON
-    try:
-        losses = {}
-        for variant in ("fused", "reference"):  # fresh copies, same seed: the MSE trajectories
-            step, _ = make(variant, reg=False)  # (the warm-up's steps: the regulariser would dominate)
-            losses[variant] = [float(step()) for _ in range(n_steps)]
-        steps = {variant: make(variant)[0] for variant in ("fused", "reference", "bf16_grid")}
-        timed = median_ms(steps, args.reps)
-    finally:
-        fq.FUSED_RECON = old
+    model_name, img, batch, n_steps = args.shapes["recon_step"]
+    make = _recon_step_setup(model_name, batch, device, img=img)
+    losses = {}
+    for variant in ("fused", "reference"):  # fresh copies, same seed: the MSE trajectories
+        step, _ = make(variant, reg=False)  # (the warm-up's steps: the regulariser would dominate)
+        losses[variant] = [float(step()) for _ in range(n_steps)]
+    steps = {variant: make(variant)[0] for variant in ("fused", "reference", "bf16_grid")}
+    timed = median_ms(steps, args.reps)
     ms = {k: v[0] for k, v in timed.items()}
     rel = [abs(a - b) / abs(b) for a, b in zip(losses["fused"], losses["reference"])]
     speedup = ms["reference"] / ms["fused"]
-    rec = {"name": "recon_step", "model": model_name, "block": 1, "batch": batch, "tokens": 197, "w_bits": 4,
+    tokens = (img // 16) ** 2 + 1
+    rec = {"name": "recon_step", "model": model_name, "block": 1, "batch": batch, "tokens": tokens, "w_bits": 4,
            "a_bits": 4, "qdrop_p": 0.5, **{f"{k}_ms": round(v, 3) for k, v in ms.items()},
            "speedup_vs_reference": round(speedup, 3), "speedup_vs_bf16_grid": round(ms["bf16_grid"] / ms["fused"], 3),
            "tf32": torch.backends.cuda.matmul.allow_tf32, "loss_fused": losses["fused"],
@@ -551,7 +563,7 @@ def bench_recon_step(args, device, env) -> list[dict]:
     print("\n## recon step: one block's training step (forward, backward, Adam)\n\n"
           "| model | batch | reference fp32 ms | bf16 grid ms | fused ms | vs fp32 | vs bf16 grid | loss max rel diff |"
           "\n|---|---|---|---|---|---|---|---|")
-    print(f"| {model_name} block 1 W4A4 | {batch}x197 | {ms['reference']:.2f} | {ms['bf16_grid']:.2f} | "
+    print(f"| {model_name} block 1 W4A4 | {batch}x{tokens} | {ms['reference']:.2f} | {ms['bf16_grid']:.2f} | "
           f"{ms['fused']:.2f} | {speedup:.2f}x | {rec['speedup_vs_bf16_grid']:.2f}x | {max(rel):.2e} |", flush=True)
     print("losses (fused / reference): " + ", ".join(f"{a:.5g}/{b:.5g}" for a, b in
                                                         zip(losses["fused"], losses["reference"])))
@@ -569,7 +581,11 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=10, help="timed runs per measurement")
     p.add_argument("--eval-size", type=int, default=2000, help="test images for the accuracy check (0: none)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--smoke", action="store_true",
+                   help="the kernel sections on tiny shapes, on the CPU through Triton's interpreter (set "
+                        "TRITON_INTERPRET=1): runs every line of the GPU benchmarks, measures nothing")
     args = p.parse_args(argv)
+    args.shapes = SMOKE_SHAPES if args.smoke else SHAPES
     sections = args.sections.split(",")
     unknown = set(sections) - {"e2e", "kernels", "recon"}
     if unknown:

@@ -15,14 +15,15 @@ import time
 import warnings
 from pathlib import Path
 
+from .config import CALIB_PRESETS
 from .errors import FastquantError
+from .recon import methods as recon_methods
 
-# Reconstruction presets (--budget): calibration images, steps per unit, PFCR's last level
-# (None: one unit), images of each batch that MGRQ's global term runs through the rest of
-# the model (None: all).
+# Reconstruction presets (--budget): calibration images and steps per unit; each method's
+# record adds its own settings for a budget (fastquant.recon.ReconMethod.budgets).
 BUDGETS = {
-    "cpu": dict(calib_size=256, iters=300, pfcr_stop_at=2, mgrq_global_batch=8),
-    "full": dict(calib_size=1024, iters=20000, pfcr_stop_at=None, mgrq_global_batch=None),
+    "cpu": dict(calib_size=256, iters=300),
+    "full": dict(calib_size=1024, iters=20000),
 }
 # Per-unit reconstruction results in the JSON output.
 RECORD_KEYS = ("level", "name", "loss_first", "loss_last", "mse_before", "mse_after", "seconds")
@@ -86,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    + " ".join(EMBEDDED_DEFAULT))
     _add_model_args(q)
     q.add_argument("--method", default="repq",
-                   help="rtn, repq, or a reconstruction: brecq, qdrop, pfcr, mgrq (default: %(default)s)")
+                   help=f"{', '.join(CALIB_PRESETS)}, or a reconstruction: {', '.join(recon_methods())} "
+                        "(default: %(default)s)")
     q.add_argument("--w-bits", type=_int, default=6, help="weight bits, 2-8 (default: %(default)s)")
     q.add_argument("--a-bits", type=_int, default=6, help="activation bits, 2-8 (default: %(default)s)")
     q.add_argument("--calib-size", type=_int, default=None,
@@ -94,19 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=_int, default=0, help="seed for drawing calibration images (default: %(default)s)")
     q.add_argument("--out", type=Path, help="save the quantized model (safetensors, integer weights)")
     q.add_argument("--per-token", action="store_true", help="dynamic per-token activation scales")
-    q.add_argument("--deploy", choices=("cpu", "cuda", "triton"),
-                   help="also convert to integer layers with this backend (cpu: int8 GEMMs), evaluate the "
-                        "deployed model and save it with --out (triton: Triton kernels on a GPU; cuda: the CUDA C++ "
-                        "extension on a GPU)")
+    q.add_argument("--deploy", choices=("cpu", "cuda", "triton", "torch"),
+                   help="also convert to integer layers with this backend (cpu: the fused int8 kernels of the CPU "
+                        "extension; triton: Triton kernels on a GPU; cuda: the CUDA C++ extension on a GPU; torch: "
+                        "the PyTorch twins), evaluate the deployed model and save it with --out")
     r = q.add_argument_group("reconstruction (brecq, qdrop, pfcr, mgrq)")
     r.add_argument("--budget", choices=tuple(BUDGETS),
-                   help="preset: cpu (256 images, 300 steps per unit, PFCR up to pairs of blocks) or full (1,024 "
-                        "images, 20,000 steps per unit, PFCR up to one unit) (default: full with CUDA, else cpu)")
+                   help="preset: cpu (256 images, 300 steps per unit; PFCR up to pairs of blocks, MGRQ's global term "
+                        "on 8 images a batch) or full (1,024 images, 20,000 steps per unit) (default: full with CUDA, "
+                        "else cpu)")
     r.add_argument("--iters", type=_positive, help="steps per unit (default: the budget's)")
     r.add_argument("--no-pos", action="store_true", help="pfcr without its progressive optimisation strategy")
     r.add_argument("--recon-set", type=_recon_setting, action="append", default=[], metavar="KEY=VALUE",
-                   help="set a field of fastquant.recon.ReconConfig, e.g. carry=1.0, stop_at=0, qdrop_p=0 "
-                        "(repeatable; applied after the budget and --no-pos)")
+                   help="set a reconstruction setting or a method option (fastquant.recon.ReconConfig), e.g. "
+                        "qdrop_p=0, carry=1.0, stop_at=0 (repeatable; applied after the budget and --no-pos)")
     r.add_argument("--state-dir", type=Path, help="save the reconstruction state here after every unit")
     r.add_argument("--resume", action="store_true", help="continue the reconstruction saved in --state-dir")
     r.add_argument("--plot", type=Path, help="write a PNG of every unit's loss across levels")
@@ -148,32 +151,31 @@ def _table(rows: list[tuple[str, str]]) -> str:
 def cmd_quantize(args) -> dict:
     import torch
 
-    from . import backends
-
-    from . import QuantConfig, quantize
-    from .config import RECON_METHODS
+    from . import QuantConfig, quantize, record_of, save
     from .data import calibration_indices, load_dataset, stack
+    from .deploy import resolve_backend
     from .evaluate import evaluate
     from .models import load_model
-    from .recon import ReconConfig, plot_losses
+    from .recon import ReconConfig, get_method, plot_losses
     from .recon.checkpoint import STATE_FILE
-    from .serialize import save
+    from .validate import check_images
 
     t0 = time.time()
     cfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, method=args.method, per_token=args.per_token)
-    reconstructs = cfg.method in RECON_METHODS
+    reconstructs = cfg.reconstructs
     given = [flag for flag, on in (("--budget", args.budget), ("--iters", args.iters), ("--no-pos", args.no_pos),
                                    ("--recon-set", args.recon_set),
                                    ("--state-dir", args.state_dir), ("--resume", args.resume), ("--plot", args.plot))
              if on]
     if given and not reconstructs:
-        raise FastquantError(f"{', '.join(given)}: only for the reconstruction methods ({', '.join(RECON_METHODS)})")
-    if args.no_pos and cfg.method != "pfcr":
-        raise FastquantError("--no-pos applies to pfcr only")
+        raise FastquantError(f"{', '.join(given)}: only for the reconstruction methods ({', '.join(recon_methods())})")
+    if args.no_pos and "pos" not in get_method(cfg.method).options:
+        with_pos = [m for m in recon_methods() if "pos" in get_method(m).options]
+        raise FastquantError(f"--no-pos applies to {', '.join(with_pos)} only")
     if args.deploy in ("triton", "cuda") and not torch.cuda.is_available():
         raise FastquantError(f"--deploy {args.deploy} needs a CUDA GPU (use --deploy cpu)")
-    if args.deploy == "cuda" and not backends.CUDA_EXT_AVAILABLE:
-        raise FastquantError(f"--deploy cuda: {backends.CUDA_EXT_REASON} (or use --deploy triton)")
+    if args.deploy is not None:
+        resolve_backend(args.deploy, torch.device("cuda" if args.deploy in ("triton", "cuda") else "cpu"))
     if args.resume and args.state_dir is None:
         raise FastquantError("--resume needs --state-dir (the folder of the run to continue)")
     if args.state_dir is not None and args.state_dir.exists() and not args.state_dir.is_dir():
@@ -186,10 +188,11 @@ def cmd_quantize(args) -> dict:
     calib_size = args.calib_size if args.calib_size is not None else (preset["calib_size"] if reconstructs else 128)
     rcfg = None
     if reconstructs:
-        rcfg = ReconConfig(method=cfg.method, iters=args.iters or preset["iters"], seed=args.seed,
-                           pos=False if args.no_pos else None, stop_at=preset["pfcr_stop_at"],
-                           global_batch=preset["mgrq_global_batch"] if cfg.method == "mgrq" else None)
-        rcfg = _apply_recon_settings(rcfg, args.recon_set)
+        settings = dict(get_method(cfg.method).budgets.get(budget, {}))
+        if args.no_pos:
+            settings["pos"] = False
+        rcfg = ReconConfig(method=cfg.method, iters=args.iters or preset["iters"], seed=args.seed, **settings)
+        rcfg = _apply_recon_settings(rcfg, args.recon_set).check_options_apply()
     _check_out_path(args.out, "--out")
     _check_out_path(args.json, "--json")
     _check_out_path(args.plot, "--plot")
@@ -197,26 +200,25 @@ def cmd_quantize(args) -> dict:
     train = load_dataset(args.data, "train", dcfg)
     test = load_dataset(args.data, "test", dcfg)
     idx = calibration_indices(len(train), calib_size, args.seed)
-    calib, _ = stack(train, idx)
-    if not torch.isfinite(calib).all():
-        raise FastquantError("calibration data contains NaN or Inf")
+    calib = check_images(stack(train, idx)[0])
     eval_size = min(args.eval_size or len(test), len(test))
     fp = evaluate(model, test, eval_size, args.batch_size, desc="eval fp32")
     t1 = time.time()
     qmodel = quantize(model, calib, cfg, recon=rcfg, state_dir=args.state_dir, resume=args.resume)
     t_quant = time.time() - t1
-    record = getattr(qmodel, "fastquant_recon", None)
+    record = record_of(qmodel).recon
     if args.plot:
         plot_losses(record, args.plot)
     q = evaluate(qmodel, test, eval_size, args.batch_size, desc=f"eval W{cfg.w_bits}A{cfg.a_bits}")
     deployed = None
     if args.deploy:
-        from .deploy import convert
+        from . import convert
 
         dmodel = convert(copy.deepcopy(qmodel).cuda(), args.deploy, inplace=True) if args.deploy in ("triton", "cuda") \
             else convert(qmodel, args.deploy)
         deployed = evaluate(dmodel, test, eval_size, args.batch_size, desc=f"eval deployed ({args.deploy})")
         qmodel = dmodel
+    deploy_report = record_of(qmodel).deploy
     if args.out:
         save(qmodel, args.out)
     result = {
@@ -231,7 +233,8 @@ def cmd_quantize(args) -> dict:
         "recon_units": [{k: getattr(u, k) for k in RECORD_KEYS} for u in record.units] if record else None,
         "recon_resumed_from": record.resumed_from if record else None,
         "deploy": args.deploy, "deployed_top1": round(deployed, 2) if deployed is not None else None,
-        "deployed_layers": len(qmodel.fastquant_deploy["converted"]) if deployed is not None else None,
+        "deployed_layers": len(deploy_report.converted) if deployed is not None else None,
+        "deployed_backend": deploy_report.backend if deployed is not None else None,
     }
     print(_table([
         ("model", f"{spec.name} ({spec.img_size} px) on {args.data}"),
@@ -254,7 +257,9 @@ def _apply_recon_settings(rcfg, settings):
 
     if not settings:
         return rcfg
-    names = [f.name for f in dataclasses.fields(rcfg)]
+    from .recon.registry import options
+
+    names = [f.name for f in dataclasses.fields(rcfg) if f.name != "options"] + sorted(options())
     for key, _ in settings:
         if key not in names:
             raise FastquantError(f"--recon-set {key}: not a reconstruction setting "
@@ -270,10 +275,11 @@ def _apply_recon_settings(rcfg, settings):
 def cmd_eval(args) -> dict:
     import torch
 
+    from . import load, record_of
     from .data import load_dataset
     from .evaluate import evaluate
     from .models import build_model, load_model
-    from .serialize import load, read_metadata
+    from .serialize import read_metadata
 
     t0 = time.time()
     _check_out_path(args.json, "--json")
@@ -286,7 +292,8 @@ def cmd_eval(args) -> dict:
             raise FastquantError(f"{args.quantized} holds {spec.name}, not {args.model}")
         model = load(args.quantized)
         _, dcfg = build_model(spec, weights=False)
-        label = f"{model.fastquant_config.method} W{model.fastquant_config.w_bits}A{model.fastquant_config.a_bits}"
+        qcfg = record_of(model).config
+        label = f"{qcfg.method} W{qcfg.w_bits}A{qcfg.a_bits}"
     else:
         model, dcfg, spec = load_model(args.model or "dinov2-s14-fmnist", args.checkpoint, args.img_size)
         label = "fp32"

@@ -1,36 +1,41 @@
-"""Quantization configuration: one frozen dataclass, validated on creation."""
+"""Quantization configuration: one frozen dataclass, validated on creation.
+
+``method`` names a calibration preset (``rtn``, ``repq``: ``fastquant.calib.PRESETS``) or a
+registered reconstruction method (``brecq``, ``qdrop``, ``pfcr``, ``mgrq``, or one added with
+``fastquant.recon.register_method``), which starts from the calibration its record names.
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
 from dataclasses import dataclass
 
+from .calib import CALIB_FIELDS, PRESETS, SOFTMAX_QUANTIZERS, WEIGHT_ROUNDING, CalibSpec, auto_softmax
 from .errors import FastquantError
-from .quantizers import CALIB_METHODS, check_bits
+from .quant import CALIB_METHODS, check_bits
+from .recon import get_method
+from .recon import methods as recon_methods
 
-# Reconstruction methods (fastquant.recon) start from RepQ's calibration.
-RECON_METHODS = ("brecq", "qdrop", "pfcr", "mgrq")
-METHODS = ("rtn", "repq") + RECON_METHODS
-SOFTMAX_QUANTIZERS = ("log2", "log_sqrt2", "uniform", "auto")
-WEIGHT_ROUNDING = ("nearest", "gptq")
-
-# What each method changes from the plain defaults.
-METHOD_DEFAULTS = {
-    "rtn": dict(calib="minmax", softmax="log2", reparam=False, output_aware=False, bias_correct=False, weight_rounding="nearest"),
-    "repq": dict(calib="mse", softmax="auto", reparam=True, output_aware=True, bias_correct=True, weight_rounding="gptq"),
-}
-# Reconstruction learns the weight rounding itself (AdaRound) from the float weights, so
-# it starts from RepQ's activation calibration with round-to-nearest weights and no bias correction.
-METHOD_DEFAULTS.update({m: dict(METHOD_DEFAULTS["repq"], weight_rounding="nearest", bias_correct=False)
-                        for m in RECON_METHODS})
+CALIB_PRESETS = tuple(PRESETS)
 
 
-def auto_softmax(a_bits: int) -> str:
-    """The softmax quantizer with the least error at ``a_bits`` on DINOv2 attention
-    (measured: uniform wins from 7 bits, log-sqrt2 at 4-6 bits, log2 below 4)."""
-    if a_bits >= 7:
-        return "uniform"
-    return "log_sqrt2" if a_bits >= 4 else "log2"
+def methods() -> tuple[str, ...]:
+    """Every method ``QuantConfig`` takes: the calibration presets, then the registered
+    reconstruction methods."""
+    return CALIB_PRESETS + recon_methods()
+
+
+def method_defaults(method: str) -> dict:
+    """What ``method`` changes from the plain defaults, for each method-dependent field."""
+    if method in PRESETS:
+        return dict(PRESETS[method])
+    start = dict(get_method(method).calibration)
+    preset = start.pop("preset", "repq")
+    return dict(PRESETS[preset], **start)
+
+
+def reconstructs(method: str) -> bool:
+    return method in recon_methods()
 
 
 @dataclass(frozen=True)
@@ -69,8 +74,8 @@ class QuantConfig:
     percentile: float = 99.99
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise FastquantError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
+        if self.method not in methods():
+            raise FastquantError(f"unknown method {self.method!r} (choose from {', '.join(methods())})")
         check_bits(self.w_bits, "w_bits")
         check_bits(self.a_bits, "a_bits")
         check_bits(self.patch_embed_a_bits, "patch_embed_a_bits")
@@ -93,10 +98,22 @@ class QuantConfig:
         bias_correct, weight_rounding) after the method's defaults are applied."""
         value = getattr(self, key)
         if value is None:
-            value = METHOD_DEFAULTS[self.method][key]
+            value = method_defaults(self.method)[key]
         if key == "softmax" and value == "auto":
             value = auto_softmax(self.a_bits)
         return value
+
+    @property
+    def reconstructs(self) -> bool:
+        """Whether ``method`` is a reconstruction method (it then runs ``fastquant.recon``)."""
+        return reconstructs(self.method)
+
+    def calib_spec(self) -> CalibSpec:
+        """The calibration's view of this config: every field decided."""
+        return CalibSpec(w_bits=self.w_bits, a_bits=self.a_bits, **{k: self.resolved(k) for k in CALIB_FIELDS},
+                         per_token=self.per_token, qk_per_head=self.qk_per_head,
+                         patch_embed_a_bits=self.patch_embed_a_bits, patch_embed_w_bits=self.patch_embed_w_bits,
+                         head_w_bits=self.head_w_bits, head_a_bits=self.head_a_bits, percentile=self.percentile)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

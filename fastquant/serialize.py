@@ -3,7 +3,8 @@
 The file holds every quantized layer's weight as integer codes beside its per-channel
 scale and zero point: ``<layer>.weight_int`` (uint8 in 0 .. 2**bits - 1, one code per
 byte) or, for codes of at most 4 bits, ``<layer>.weight_int4`` (two codes per byte, the
-even column in the low nibble; ``<layer>.weight_cols`` the column count). All other
+even column in the low nibble: ``fastquant.ops.int8_linear.pack_int4``;
+``<layer>.weight_cols`` the column count). All other
 parameters and quantizer state are stored in float, and the metadata holds the
 QuantConfig and the ModelSpec needed to rebuild the architecture. Loading rebuilds the
 model, dequantizes the codes and gives logits equal to the saved model's.
@@ -20,10 +21,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .calib import plan_for, swap_modules
 from .config import QuantConfig
+from .deploy import convert
 from .errors import FastquantError
-from .modules import QuantConv2d, QuantLinear
-from .ptq import _find_patch_convs, _Plan, quantizers_of, set_mode, swap_modules
+from .models import ModelSpec, build_model
+from .nn import Int8Linear, QuantConv2d, QuantLinear
+from .ops.int8_linear import pack_int4, unpack_int4
+from .quant import quantizers_in, set_mode
+from .record import record_of
 
 FORMAT = "fastquant-fakequant-v1"
 
@@ -32,24 +38,10 @@ def _quant_layers(model: nn.Module):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))]
 
 
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """[N, K] codes in 0..15 -> [N, ceil(K/2)] uint8, column 2j in the low nibble of byte j."""
-    c = codes.to(torch.uint8)
-    if c.shape[-1] % 2:
-        c = torch.cat([c, torch.zeros_like(c[..., :1])], -1)
-    return c[..., 0::2] | (c[..., 1::2] << 4)
-
-
-def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
-    """The inverse of :func:`pack_int4`: [N, ceil(K/2)] uint8 -> [N, K] codes (uint8)."""
-    out = torch.stack([packed & 0xF, packed >> 4], -1).reshape(*packed.shape[:-1], -1)
-    return out[..., :cols]
-
-
 def _put_codes(sd: dict, name: str, codes: torch.Tensor, bits: int):
     codes = codes.cpu().to(torch.uint8).contiguous()
     if bits <= 4 and codes.dim() == 2:
-        sd[f"{name}.weight_int4"] = pack_int4(codes).contiguous()
+        sd[f"{name}.weight_int4"] = pack_int4(codes, dim=-1)
         sd[f"{name}.weight_cols"] = torch.tensor([codes.shape[1]], dtype=torch.int64)
     else:
         sd[f"{name}.weight_int"] = codes
@@ -62,21 +54,20 @@ def _take_codes(sd: dict, name: str) -> torch.Tensor | None:
     cols = sd.pop(f"{name}.weight_cols", None)
     if cols is None or cols.numel() != 1:
         return None
-    return unpack_int4(packed, int(cols.item()))
+    return unpack_int4(packed, int(cols.item()), dim=-1)
 
 
 def save(qmodel: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``qmodel`` (from ``fastquant.quantize`` on a model from ``fastquant.models``)."""
     from safetensors.torch import save_file
 
-    cfg = getattr(qmodel, "fastquant_config", None)
-    spec = getattr(qmodel, "fastquant_spec", None)
+    record = record_of(qmodel)
+    cfg = getattr(record, "config", None)
+    spec = getattr(record, "spec", None)
     if cfg is None:
         raise FastquantError("save() needs a model returned by fastquant.quantize")
     if spec is None:
         raise FastquantError("save() needs to know the architecture: build the model with fastquant.models.load_model")
-    from .deploy import Int8Linear
-
     sd = {k: v.detach().cpu().contiguous() for k, v in qmodel.state_dict().items()}
     for name, m in _quant_layers(qmodel):
         del sd[f"{name}.weight"]
@@ -89,9 +80,8 @@ def save(qmodel: nn.Module, path: str | os.PathLike) -> Path:
             _put_codes(sd, name, state.pop("weight_int"), m.w_bits)
             sd.update({f"{name}.{k}": v.detach().cpu().contiguous() for k, v in state.items()})
     meta = {"format": FORMAT, "config": cfg.to_json(), "model": spec.to_json()}
-    deploy = getattr(qmodel, "fastquant_deploy", None)
-    if deploy is not None:
-        meta["deploy"] = deploy["backend"]
+    if record.deploy is not None:
+        meta["deploy"] = record.deploy.backend
     path = Path(path)
     if path.parent and not path.parent.is_dir():
         raise FastquantError(f"output folder {path.parent} does not exist")
@@ -125,8 +115,6 @@ def load(path: str | os.PathLike) -> nn.Module:
     """Rebuild a model written by ``save``: quantized, in eval mode."""
     from safetensors.torch import load_file
 
-    from .models import ModelSpec, build_model, classifier_of
-
     meta = read_metadata(path)
     try:
         cfg = QuantConfig.from_json(meta["config"])
@@ -138,7 +126,7 @@ def load(path: str | os.PathLike) -> nn.Module:
         raise FastquantError(f"{path} is corrupted ({type(exc).__name__})") from None
     model, _ = build_model(spec, weights=False)
     # Saved models are already reparameterised: every input quantizer is per tensor.
-    swap_modules(model, cfg, _Plan(head=classifier_of(model), patch_convs=_find_patch_convs(model), ln_groups={}))
+    swap_modules(model, cfg.calib_spec(), plan_for(model))
     with torch.no_grad():
         for name, m in _quant_layers(model):
             codes = _take_codes(sd, name)
@@ -155,13 +143,11 @@ def load(path: str | os.PathLike) -> nn.Module:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as exc:
         raise FastquantError(f"{path} does not fit {spec.name}: {str(exc).splitlines()[0]}") from None
-    set_mode(quantizers_of(model), "quant")
-    model.fastquant_config = cfg
-    model.fastquant_spec = spec
+    set_mode(quantizers_in(model), "quant")
+    record = record_of(model, create=True)
+    record.config, record.spec = cfg, spec
     if "deploy" in meta:
-        from .deploy import convert
-
-        # The model loads on the CPU: a GPU deployment comes back as the CPU one (the same
-        # integer layers); convert(model.cuda(), "triton") moves it back.
-        model = convert(model, "cpu" if meta["deploy"] in ("triton", "cuda") else meta["deploy"], inplace=True)
+        # The model loads on the CPU: a deployment comes back on the best CPU backend (the
+        # same integer layers); convert(model.cuda(), "triton") moves it back to a GPU.
+        model = convert(model, "torch" if meta["deploy"] == "torch" else "auto", inplace=True)
     return model.eval()

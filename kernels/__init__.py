@@ -12,7 +12,10 @@ Conventions every kernel module follows:
 
 - a Triton kernel is a ``@triton.jit`` function whose name ends in ``_kernel``;
   it sits next to a docstring stating its contract, and next to a wrapper
-  ``triton_<op>(...)`` that checks the inputs, allocates the outputs and launches;
+  ``triton_<op>(...)`` that checks what the launch needs, allocates the outputs and
+  launches (the op's contract and its input checks live in ``fastquant.ops``, the
+  wrappers' caller through ``fastquant.backends``);
+- nothing here imports fastquant: the package is the kernels alone;
 - the module defines ``COMPILE_SPECS``, a list of :class:`KernelSpec`, with at
   least one entry per kernel. ``python -m fastquant.kernels.compile_check``
   finds every module here and compiles every spec for sm_80 and sm_90 without a
@@ -96,23 +99,17 @@ class KernelSpec:
         return f"{self.kernel.__name__}[{self.label}]"
 
 
-def check_qkv(name: str, q, k, v, dtypes: tuple, dtype_rule: str) -> tuple[int, int, int, int]:
-    """The input checks the attention wrappers share: q, k, v 4-D tensors [B, H, N, D] of one
-    shape, one dtype among ``dtypes`` (``dtype_rule`` says which in the error) and one
-    device, D one of 16, 32, 64, 128. Raises ValueError naming ``name``; returns the shape."""
-    import torch
+def is_interpreted(kernel) -> bool:
+    """Whether ``kernel`` (a ``@triton.jit`` function) runs in Triton's CPU interpreter.
+    TRITON_INTERPRET is read when ``@triton.jit`` runs, so the kernel object itself knows:
+    each kernel module records it as ``INTERPRETED`` once its kernels are defined."""
+    import triton
 
-    for t, label in ((q, "q"), (k, "k"), (v, "v")):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name}: {label} must be a 4-D tensor [B, H, N, D], got {shape}")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"{name}: q, k and v must have the same shape [B, H, N, D], got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in dtypes:
-        raise ValueError(f"{name}: q, k and v must {dtype_rule}, got {q.dtype}, {k.dtype} and {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"{name}: q, k and v must be on one device, got {q.device}, {k.device} and {v.device}")
-    if q.shape[3] not in (16, 32, 64, 128):
-        raise ValueError(f"{name}: head dim D must be 16, 32, 64 or 128, got {q.shape[3]} (shape {tuple(q.shape)})")
-    return tuple(q.shape)
+    return not isinstance(kernel, triton.runtime.JITFunction)
+
+
+def check_device(t, name: str, interpreted: bool) -> None:
+    """Refuse a tensor that is not on a CUDA device, unless the kernels are interpreted."""
+    if t.device.type != "cuda" and not interpreted:
+        raise ValueError(f"{name}: expected CUDA tensors, got device {t.device} "
+                         "(set TRITON_INTERPRET=1 before import to run on the CPU)")

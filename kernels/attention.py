@@ -52,7 +52,7 @@ import math
 import triton
 import triton.language as tl
 
-from . import KernelSpec, check_qkv
+from . import KernelSpec, check_device, is_interpreted
 from ._attention_common import head_bases, head_qparams
 from .quant_int8 import _round_half_to_even
 
@@ -193,70 +193,39 @@ def _quant_attention_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def _is_interpreted() -> bool:
-    # TRITON_INTERPRET is read when @triton.jit runs, so ask the kernel object itself.
-    return not isinstance(_quant_attention_kernel, triton.runtime.JITFunction)
-
+INTERPRETED = is_interpreted(_quant_attention_kernel)
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32")
-
-
-def _scalar_tensor(x, name: str, what: str, device):
-    import torch
-
-    t = torch.as_tensor(x, dtype=torch.float32)
-    if t.numel() != 1:
-        raise ValueError(f"{name}: {what} must be a scalar (a float or a 1-element tensor), "
-                         f"got shape {tuple(t.shape)}")
-    return t.reshape(1).to(device)
 
 
 def triton_quant_attention(q, k, v, s_q, z_q, s_k, z_k, s_v, z_v, a_bits: int, sm_scale: float,
                            p_scale, p_steps: int, p_bits: int, out_dtype=None, *,
                            blocks: tuple[int, int] | None = None):
-    """The fused quantized attention of ``fastquant.ops.attention`` (module docstring).
+    """The fused quantized attention of ``fastquant.ops.attention`` (its docstring states the
+    contract; ``fastquant.ops.attention.quant_attention`` checks the arguments before they
+    reach this launcher).
 
     ``q``, ``k``, ``v``: [B, H, N, D] tensors of one float dtype (fp16, bf16 or fp32), any
     strides (a last dimension without unit stride is copied), D a power of two from 16 to
     128; on a CUDA device, or on the CPU when Triton runs in interpreter mode. ``s_q``,
-    ``z_q``, ``s_k``, ``z_k``: [H] steps and integer zero points of Q and K (positive
-    steps, as calibrated quantizers have); ``s_v``, ``z_v``, ``p_scale``: floats or
-    1-element tensors; ``sm_scale`` > 0. ``a_bits`` 2..8 for Q, K, V; the log quantizer
-    of the probabilities has ``p_steps`` levels per octave (1: log2, 2: log-sqrt2) and
-    ``p_bits`` bits (2..8). Returns [B, N, H, D] in ``out_dtype`` (default q's dtype).
-    ``blocks`` overrides (BLOCK_M, BLOCK_N), powers of two, at least 16.
+    ``z_q``, ``s_k``, ``z_k``: [H] steps and integer zero points of Q and K; ``s_v``,
+    ``z_v``, ``p_scale``: floats or 1-element tensors. Returns [B, N, H, D] in ``out_dtype``
+    (default q's dtype). ``blocks`` overrides (BLOCK_M, BLOCK_N), powers of two, at least 16.
     """
     import torch
 
     name = "triton_quant_attention"
-    bsz, heads, n, d = check_qkv(name, q, k, v, (torch.float16, torch.bfloat16, torch.float32),
-                                 "share one dtype among float16, bfloat16 and float32")
-    if not 2 <= a_bits <= 8:
-        raise ValueError(f"{name}: a_bits must be 2..8, got {a_bits}")
-    if p_steps not in (1, 2):
-        raise ValueError(f"{name}: p_steps must be 1 (log2) or 2 (log-sqrt2), got {p_steps}")
-    if not 2 <= p_bits <= 8:
-        raise ValueError(f"{name}: p_bits must be 2..8, got {p_bits}")
-    if not (math.isfinite(sm_scale) and sm_scale > 0):
-        raise ValueError(f"{name}: sm_scale must be positive and finite, got {sm_scale}")
+    bsz, heads, n, d = q.shape
     out_dtype = out_dtype or q.dtype
     if str(out_dtype).removeprefix("torch.") not in _FLOAT_DTYPES:
         raise ValueError(f"{name}: out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
     if blocks is not None and (len(blocks) != 2 or any(x < 16 or x & (x - 1) for x in blocks)):
         raise ValueError(f"{name}: blocks must be two powers of two, at least 16, got {blocks}")
+    check_device(q, name, INTERPRETED)
     dev = q.device
-    per_head = []
-    for t, label in ((s_q, "s_q"), (z_q, "z_q"), (s_k, "s_k"), (z_k, "z_k")):
-        t = torch.as_tensor(t)
-        if t.numel() != heads or t.dim() > 1:
-            raise ValueError(f"{name}: {label} must hold one value per head, shape [{heads}], "
-                             f"got {tuple(t.shape)}")
-        per_head.append(t.to(device=dev, dtype=torch.float32).contiguous())
-    scalars = [_scalar_tensor(x, name, label, dev) for x, label in ((s_v, "s_v"), (z_v, "z_v"), (p_scale, "p_scale"))]
-    if dev.type != "cuda" and not _is_interpreted():
-        raise ValueError(f"{name}: expected CUDA tensors, got device {dev} "
-                         "(set TRITON_INTERPRET=1 before import to run on the CPU)")
-
+    per_head = [torch.as_tensor(t).to(device=dev, dtype=torch.float32).reshape(heads).contiguous()
+                for t in (s_q, z_q, s_k, z_k)]
+    scalars = [torch.as_tensor(x, dtype=torch.float32).reshape(1).to(dev) for x in (s_v, z_v, p_scale)]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty((bsz, n, heads, d), dtype=out_dtype, device=dev)
     if out.numel() == 0:

@@ -1,7 +1,8 @@
 """Fused fake-quant attention for reconstruction training in Triton, forward and backward.
 
 Contract: ``fastquant.ops.fq_attention`` (its PyTorch twin ``torch_fq_attention`` is the
-tests' oracle). In short, for each batch b and head h:
+tests' oracle; ``fastquant.ops.fq_attention.fq_attention`` checks the arguments and holds the
+autograd Function that calls these two launchers). In short, for each batch b and head h:
 
     x~  = clamp(round(x / s_x) + z_x, 0, qmax) - z_x) * s_x, or x where keep_x    X = Q, K (step per head), V
     S   = (Q~ K~^T) * sm_scale
@@ -54,15 +55,12 @@ path's autograd keeps several N x N float32 tensors instead (P, P~, the float ke
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from . import KernelSpec, check_qkv
+from . import KernelSpec, check_device, is_interpreted
 from ._attention_common import head_bases, head_qparams
 from .quant_int8 import _round_half_to_even
 
@@ -399,22 +397,7 @@ def _fq_attention_bwd_dkdv_kernel(
     tl.store(dsv_part_ptr + bh * tl.num_programs(0) + pid_n, dsv_share)
 
 
-def _is_interpreted() -> bool:
-    # TRITON_INTERPRET is read when @triton.jit runs, so ask the kernel object itself.
-    return not isinstance(_fq_attention_fwd_kernel, triton.runtime.JITFunction)
-
-
-@dataclass(frozen=True)
-class _Launch:
-    """What the three kernels are specialised on, besides the tensors."""
-
-    qmax: int
-    sm_scale: float
-    p_steps: int
-    p_bits: int
-    block_m: int
-    block_n: int
-    num_warps: int
+INTERPRETED = is_interpreted(_fq_attention_fwd_kernel)
 
 
 def _default_blocks(n: int, d: int) -> tuple[int, int, int]:
@@ -427,173 +410,91 @@ def _default_blocks(n: int, d: int) -> tuple[int, int, int]:
     255 with 376 and 172 bytes spilled). Not timed on a GPU.
     In the interpreter every program instance costs milliseconds, so the tiles are as large
     as the sequence allows (fewer, larger numpy operations)."""
-    if _is_interpreted():
+    if INTERPRETED:
         t = max(16, min(128, triton.next_power_of_2(n)))
         return t, t, 4
     return (16 if d > 64 else 32), 32, 8
 
 
-def _check_mask(mask, name: str, shape: tuple, device):
-    """A QDrop keep mask as contiguous uint8 (1: keep the float value), or None."""
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != shape:
-        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"triton_fq_attention: {name} must be a tensor of shape {list(shape)}, got {got}")
-    if mask.device != device:
-        raise ValueError(f"triton_fq_attention: {name} must be on {device}, got {mask.device}")
-    return (mask != 0).view(torch.uint8).contiguous()
+def _launch(name: str, q, blocks):
+    """(BLOCK_M, BLOCK_N, num_warps) after checking the device and the ``blocks`` option."""
+    if blocks is not None and (len(blocks) != 2 or any(x < 16 or x & (x - 1) for x in blocks)):
+        raise ValueError(f"{name}: blocks must be two powers of two, at least 16, got {blocks}")
+    check_device(q, name, INTERPRETED)
+    block_m, block_n, warps = _default_blocks(q.shape[2], q.shape[3])
+    if blocks is not None:
+        block_m, block_n = blocks
+    return block_m, block_n, warps
 
 
-def _fq_attention_forward(q, k, v, params, masks, cfg: _Launch):
+def triton_fq_attention_forward(q, k, v, s_q, z_q, s_k, z_k, s_v, z_v, p_scale, keep_q, keep_k, keep_p, keep_v,
+                                qmax: int, sm_scale: float, p_steps: int, p_bits: int, *,
+                                blocks: tuple[int, int] | None = None):
+    """(O, F, m, l) of the contract, in the form ``fastquant.ops.fq_attention`` prepares and
+    checks: q, k, v float32 [B, H, N, D] (unit last stride), s_q, z_q, s_k, z_k float32
+    [H], s_v, z_v, p_scale float32 [1], QDrop masks contiguous uint8 or None. O is a
+    [B, H, N, D] view of a [B, N, H, D] tensor (the attention's transpose(1, 2) is then free);
+    F = P V~ [B, H, N, D]; m, l [B, H, N]. ``blocks`` overrides (BLOCK_M, BLOCK_N)."""
+    block_m, block_n, warps = _launch("triton_fq_attention_forward", q, blocks)
     bsz, heads, n, d = q.shape
     dev = q.device
-    # out is allocated [B, N, H, D] and returned as its [B, H, N, D] view: the attention's
-    # transpose(1, 2).reshape(B, N, H * D) is then free.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty((bsz, n, heads, d), dtype=torch.float32, device=dev).transpose(1, 2)
     f = torch.empty((bsz, heads, n, d), dtype=torch.float32, device=dev)
     m = torch.empty((bsz, heads, n), dtype=torch.float32, device=dev)
     l = torch.empty_like(m)
     dummy = torch.zeros(1, dtype=torch.uint8, device=dev)
-    keeps = [dummy if x is None else x for x in masks]
-    grid = (triton.cdiv(n, cfg.block_m), bsz * heads)
+    keeps = [dummy if x is None else x for x in (keep_q, keep_k, keep_v, keep_p)]
+    grid = (triton.cdiv(n, block_m), bsz * heads)
     _fq_attention_fwd_kernel[grid](
-        q, k, v, out, f, m, l, *params, *keeps,
-        cfg.sm_scale, n, heads,
+        q, k, v, out, f, m, l, s_q, z_q, s_k, z_k, s_v, z_v, p_scale, *keeps,
+        float(sm_scale), n, heads,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        QMAX=cfg.qmax, P_STEPS=cfg.p_steps, ZERO_CODE=(1 << cfg.p_bits) - 1, HEAD_DIM=d,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        KEEP_Q=masks[0] is not None, KEEP_K=masks[1] is not None, KEEP_V=masks[2] is not None,
-        KEEP_P=masks[3] is not None, DOT_PRECISION=_DOT_PRECISION, LIBDEVICE=not _is_interpreted(),
-        num_warps=cfg.num_warps, num_stages=1)
+        QMAX=qmax, P_STEPS=p_steps, ZERO_CODE=(1 << p_bits) - 1, HEAD_DIM=d,
+        BLOCK_M=block_m, BLOCK_N=block_n,
+        KEEP_Q=keep_q is not None, KEEP_K=keep_k is not None, KEEP_V=keep_v is not None,
+        KEEP_P=keep_p is not None, DOT_PRECISION=_DOT_PRECISION, LIBDEVICE=not INTERPRETED,
+        num_warps=warps, num_stages=1)
     return out, f, m, l
 
 
-def _fq_attention_backward(do, q, k, v, f, m, l, params, masks, cfg: _Launch):
+def triton_fq_attention_backward(do, q, k, v, f, m, l, s_q, z_q, s_k, z_k, s_v, z_v, p_scale, keep_q, keep_k, keep_p,
+                                 keep_v, qmax: int, sm_scale: float, p_steps: int, p_bits: int, *,
+                                 blocks: tuple[int, int] | None = None):
+    """(dq, dk, dv, ds_q [H], ds_k [H], ds_v [1]) of the contract, from dO and what the
+    forward returned (same tiles as the forward: give the same ``blocks``). The steps'
+    gradients are the sums of each program's share (no atomics: deterministic)."""
+    block_m, block_n, warps = _launch("triton_fq_attention_backward", q, blocks)
     bsz, heads, n, d = q.shape
     dev = q.device
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if do.stride(-1) != 1:
         do = do.contiguous()
     dq, dk, dv = (torch.empty((bsz, heads, n, d), dtype=torch.float32, device=dev) for _ in range(3))
     delta = torch.empty((bsz, heads, n), dtype=torch.float32, device=dev)
-    blocks_m, blocks_n = triton.cdiv(n, cfg.block_m), triton.cdiv(n, cfg.block_n)
+    blocks_m, blocks_n = triton.cdiv(n, block_m), triton.cdiv(n, block_n)
     dsq_part = torch.empty((bsz, heads, blocks_m), dtype=torch.float32, device=dev)
     dsk_part = torch.empty((bsz, heads, blocks_n), dtype=torch.float32, device=dev)
     dsv_part = torch.empty_like(dsk_part)
     dummy = torch.zeros(1, dtype=torch.uint8, device=dev)
-    keep_q, keep_k, keep_v, keep_p = (dummy if x is None else x for x in masks)
-    s_q, z_q, s_k, z_k, s_v, z_v, p_scale = params
+    kq, kk, kv, kp = (dummy if x is None else x for x in (keep_q, keep_k, keep_v, keep_p))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-    flags = dict(KEEP_Q=masks[0] is not None, KEEP_K=masks[1] is not None, KEEP_V=masks[2] is not None)
+    flags = dict(KEEP_Q=keep_q is not None, KEEP_K=keep_k is not None, KEEP_V=keep_v is not None)
+    sm_scale = float(sm_scale)
     _fq_attention_bwd_dq_kernel[(blocks_m, bsz * heads)](
         q, k, v, do, f, m, l, dq, delta, dsq_part, s_q, z_q, s_k, z_k, s_v, z_v,
-        keep_q, keep_k, keep_v, cfg.sm_scale, n, heads, *strides,
-        QMAX=cfg.qmax, HEAD_DIM=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags,
-        DOT_PRECISION=_DOT_PRECISION, LIBDEVICE=not _is_interpreted(), num_warps=cfg.num_warps, num_stages=1)
+        kq, kk, kv, sm_scale, n, heads, *strides,
+        QMAX=qmax, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, **flags,
+        DOT_PRECISION=_DOT_PRECISION, LIBDEVICE=not INTERPRETED, num_warps=warps, num_stages=1)
     _fq_attention_bwd_dkdv_kernel[(blocks_n, bsz * heads)](
-        q, k, v, do, m, l, delta, dk, dv, dsk_part, dsv_part, *params,
-        keep_q, keep_k, keep_v, keep_p, cfg.sm_scale, n, heads, *strides,
-        QMAX=cfg.qmax, P_STEPS=cfg.p_steps, ZERO_CODE=(1 << cfg.p_bits) - 1, HEAD_DIM=d,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **flags, KEEP_P=masks[3] is not None,
-        DOT_PRECISION=_DOT_PRECISION, LIBDEVICE=not _is_interpreted(), num_warps=cfg.num_warps, num_stages=1)
+        q, k, v, do, m, l, delta, dk, dv, dsk_part, dsv_part, s_q, z_q, s_k, z_k, s_v, z_v, p_scale,
+        kq, kk, kv, kp, sm_scale, n, heads, *strides,
+        QMAX=qmax, P_STEPS=p_steps, ZERO_CODE=(1 << p_bits) - 1, HEAD_DIM=d,
+        BLOCK_M=block_m, BLOCK_N=block_n, **flags, KEEP_P=keep_p is not None,
+        DOT_PRECISION=_DOT_PRECISION, LIBDEVICE=not INTERPRETED, num_warps=warps, num_stages=1)
     return dq, dk, dv, dsq_part.sum((0, 2)), dsk_part.sum((0, 2)), dsv_part.sum().reshape(1)
-
-
-class TritonFqAttention(torch.autograd.Function):
-    """O = fake-quant attention (module docstring) with the kernels' backward.
-
-    ``forward(q, k, v, s_q, z_q, s_k, z_k, s_v, z_v, p_scale, keep_q, keep_k, keep_p,
-    keep_v, cfg)``: tensors as ``triton_fq_attention`` has prepared them (fp32 steps [H]
-    and [1], uint8 contiguous masks or None); ``cfg`` a ``_Launch``. Saves q, k, v,
-    the masks, F [B, H, N, D] and m, l [B, H, N] (no N x N tensor besides keep_p).
-    Gradients for q, k, v, s_q, s_k, s_v; none for zero points, p_scale and masks."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, s_q, z_q, s_k, z_k, s_v, z_v, p_scale, keep_q, keep_k, keep_p, keep_v, cfg):
-        params = (s_q, z_q, s_k, z_k, s_v, z_v, p_scale)
-        masks = (keep_q, keep_k, keep_v, keep_p)
-        out, f, m, l = _fq_attention_forward(q, k, v, params, masks, cfg)
-        ctx.save_for_backward(q, k, v, f, m, l, *params, *masks)
-        ctx.cfg = cfg
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, f, m, l, *rest = ctx.saved_tensors
-        params, masks = tuple(rest[:7]), tuple(rest[7:])
-        dq, dk, dv, ds_q, ds_k, ds_v = _fq_attention_backward(grad_out, q, k, v, f, m, l, params, masks, ctx.cfg)
-        need = ctx.needs_input_grad
-        return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None,
-                ds_q if need[3] else None, None, ds_k if need[5] else None, None,
-                ds_v if need[7] else None, None, None, None, None, None, None, None)
-
-
-def triton_fq_attention(q, k, v, s_q, z_q, s_k, z_k, s_v, z_v, qmax: int, sm_scale: float, p_scale,
-                        p_steps: int, p_bits: int, keep_q=None, keep_k=None, keep_p=None, keep_v=None, *,
-                        blocks: tuple[int, int] | None = None):
-    """The fake-quant attention of ``fastquant.ops.fq_attention`` (``torch_fq_attention``'s
-    arguments), differentiable in q, k, v, s_q, s_k and s_v.
-
-    ``q``, ``k``, ``v``: float32 [B, H, N, D], any strides (a last dimension without unit
-    stride is copied), D one of 16, 32, 64, 128; on a CUDA device, or on the CPU when Triton
-    runs in interpreter mode. ``s_q``, ``z_q``, ``s_k``, ``z_k``: one value per head ([H]
-    tensors; a 1-element tensor or a float is repeated, and its gradient summed);
-    ``s_v``, ``z_v``, ``p_scale``: floats or 1-element tensors. Steps are used as given
-    (positive: LSQ clamps them before). ``qmax`` 1..255; ``p_steps`` 1 (log2) or 2
-    (log-sqrt2); ``p_bits`` 2..8. ``keep_*``: QDrop masks (nonzero: keep the float value),
-    [B, H, N, D] for q, k, v and [B, H, N, N] for the probabilities, any dtype and strides;
-    they are kept (as uint8) for the backward: B H N (3 D + N) bytes. Returns [B, H, N, D]
-    float32 (a view of a [B, N, H, D] tensor). ``blocks`` overrides (BLOCK_M, BLOCK_N).
-    """
-    name = "triton_fq_attention"
-    bsz, heads, n, d = check_qkv(name, q, k, v, (torch.float32,), "be float32 (the reconstruction loop's type)")
-    if isinstance(qmax, bool) or not isinstance(qmax, int) or not 1 <= qmax <= 255:
-        raise ValueError(f"{name}: qmax must be an integer 1..255 (2^bits - 1), got {qmax!r}")
-    if p_steps not in (1, 2):
-        raise ValueError(f"{name}: p_steps must be 1 (log2) or 2 (log-sqrt2), got {p_steps}")
-    if isinstance(p_bits, bool) or not isinstance(p_bits, int) or not 2 <= p_bits <= 8:
-        raise ValueError(f"{name}: p_bits must be 2..8, got {p_bits!r}")
-    if not math.isfinite(sm_scale):
-        raise ValueError(f"{name}: sm_scale must be finite, got {sm_scale}")
-    if blocks is not None and (len(blocks) != 2 or any(x < 16 or x & (x - 1) for x in blocks)):
-        raise ValueError(f"{name}: blocks must be two powers of two, at least 16, got {blocks}")
-    dev = q.device
-
-    def per_head(x, label):
-        t = torch.as_tensor(x, dtype=torch.float32, device=dev) if not isinstance(x, torch.Tensor) else x
-        if t.numel() == 1:
-            t = t.reshape(1).expand(heads)
-        if t.dim() != 1 or t.numel() != heads:
-            raise ValueError(f"{name}: {label} must hold one value per head, shape [{heads}] (or one value), "
-                             f"got {tuple(t.shape)}")
-        return t.to(device=dev, dtype=torch.float32).contiguous()
-
-    def scalar(x, label):
-        t = torch.as_tensor(x, dtype=torch.float32, device=dev) if not isinstance(x, torch.Tensor) else x
-        if t.numel() != 1:
-            raise ValueError(f"{name}: {label} must be a scalar (a float or a 1-element tensor), "
-                             f"got shape {tuple(t.shape)}")
-        return t.to(device=dev, dtype=torch.float32).reshape(1)
-
-    params = [per_head(x, label) for x, label in ((s_q, "s_q"), (z_q, "z_q"), (s_k, "s_k"), (z_k, "z_k"))]
-    params += [scalar(x, label) for x, label in ((s_v, "s_v"), (z_v, "z_v"), (p_scale, "p_scale"))]
-    masks = [_check_mask(keep_q, "keep_q", (bsz, heads, n, d), dev),
-             _check_mask(keep_k, "keep_k", (bsz, heads, n, d), dev),
-             _check_mask(keep_p, "keep_p", (bsz, heads, n, n), dev),
-             _check_mask(keep_v, "keep_v", (bsz, heads, n, d), dev)]
-    if dev.type != "cuda" and not _is_interpreted():
-        raise ValueError(f"{name}: expected CUDA tensors, got device {dev} "
-                         "(set TRITON_INTERPRET=1 before import to run on the CPU)")
-    if n == 0 or bsz * heads == 0:
-        return torch.zeros_like(q)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    block_m, block_n, warps = _default_blocks(n, d)
-    if blocks is not None:
-        block_m, block_n = blocks
-    cfg = _Launch(qmax, float(sm_scale), p_steps, p_bits, block_m, block_n, warps)
-    return TritonFqAttention.apply(q, k, v, *params, *masks, cfg)
 
 
 def _spec(kernel, d: int, qmax: int, p_steps: int, p_bits: int, block_m: int, block_n: int, keep: bool,

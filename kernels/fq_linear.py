@@ -39,7 +39,7 @@ import functools
 import triton
 import triton.language as tl
 
-from . import KernelSpec
+from . import KernelSpec, check_device, is_interpreted
 from .quant_int8 import _round_half_to_even
 
 _FP16_TARGET_EXP = 14.0  # scaled |dy| stays at most 2^14 (fp16 max 65504 ~ 2^16)
@@ -251,8 +251,7 @@ def _fq_linear_dw_kernel(
 
 
 # -- wrappers ---------------------------------------------------------------------------------
-def _is_interpreted() -> bool:
-    return not isinstance(_fq_linear_fwd_kernel, triton.runtime.JITFunction)
+INTERPRETED = is_interpreted(_fq_linear_fwd_kernel)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps) per kernel on a GPU. The dx kernel's output tile is
@@ -284,9 +283,7 @@ def _prepare(x, s_x, z_x, qmax_x, keep, alpha, w_floor, s_w, z_w, qmax_w, name: 
 
     if x.dim() != 2 or x.dtype != torch.float32:
         raise ValueError(f"{name}: x must be a 2-D float32 tensor [M, K], got {x.dtype} of shape {tuple(x.shape)}")
-    if x.device.type != "cuda" and not _is_interpreted():
-        raise ValueError(f"{name}: expected CUDA tensors, got device {x.device} "
-                         "(set TRITON_INTERPRET=1 before import to run on the CPU)")
+    check_device(x, name, INTERPRETED)
     k = x.shape[1]
     if alpha.dim() != 2 or alpha.shape != w_floor.shape or alpha.shape[1] != k:
         raise ValueError(f"{name}: alpha and w_floor must be [N, K] with K = {k}, got {tuple(alpha.shape)} and "

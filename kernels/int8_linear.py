@@ -1,8 +1,9 @@
 """Deployed int8 linear layers in Triton: asymmetric activation quantization, and the
 int8 x int8 -> int32 GEMM with its dequantization epilogue.
 
-Contract (shared with the PyTorch reference twins in ``fastquant.ops.int8_linear``, which
-``fastquant.deploy.Int8Linear`` composes the same way):
+Contract (``fastquant.ops.int8_linear``, whose PyTorch twins are the tests' oracle; the
+deployed layer ``fastquant.nn.Int8Linear`` composes these two kernels on the ``triton``
+backend):
 
 quantize (``_quantize_asym_kernel``), x [M, K] read as float32, ``bits`` <= 8,
 ``qmax = 2^bits - 1``, ``o = 2^(bits-1)``:
@@ -18,7 +19,9 @@ with true division (``tl.div_rn``) and round half to even, so the codes equal Py
 bit for bit.
 
 GEMM (``_int8_gemm_kernel``), weight codes ``b = q_w - o_w`` as int8 [K, N] (or, for
-4-bit weights, packed two per byte: ``pack_int4_t``) and per output channel ``s_w``, ``c_w = o_w - z_w``, ``B' = sum_k b + K c_w``, optional bias:
+4-bit weights, packed two per byte: uint8 [ceil(K/2), N], rows 2j and 2j + 1 as codes + 8
+in the low and high nibble of row j, ``fastquant.ops.int8_linear.pack_weight_int4``) and per
+output channel ``s_w``, ``c_w = o_w - z_w``, ``B' = sum_k b + K c_w``, optional bias:
 
     acc = a @ b (int32, exact)
     y   = (((acc + A c_w) + c_x B') * (s_x s_w)) + bias          float32 math
@@ -32,9 +35,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastquant.ops.int8_linear import pack_int4_t  # noqa: F401  (re-exported: the packing this GEMM reads)
-
-from . import KernelSpec
+from . import KernelSpec, check_device, is_interpreted
 from .quant_int8 import _round_half_to_even
 
 
@@ -159,14 +160,7 @@ def _int8_gemm_kernel(
     tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _is_interpreted() -> bool:
-    return not isinstance(_int8_gemm_kernel, triton.runtime.JITFunction)
-
-
-def _check_device(t, name: str) -> None:
-    if t.device.type != "cuda" and not _is_interpreted():
-        raise ValueError(f"{name}: expected a CUDA tensor, got device {t.device} "
-                         "(set TRITON_INTERPRET=1 before import to run on the CPU)")
+INTERPRETED = is_interpreted(_int8_gemm_kernel)
 
 
 def triton_quantize_asym(x, bits: int, scale=None, zero_point=None, *, block_k: int | None = None):
@@ -181,7 +175,7 @@ def triton_quantize_asym(x, bits: int, scale=None, zero_point=None, *, block_k: 
         raise ValueError(f"{name}: bits must be 2..8, got {bits}")
     if (scale is None) != (zero_point is None):
         raise ValueError(f"{name}: give both scale and zero_point, or neither (per-token)")
-    _check_device(x, name)
+    check_device(x, name, INTERPRETED)
     if x.stride(-1) != 1:
         x = x.contiguous()
     m, k = x.shape
@@ -208,7 +202,7 @@ def triton_quantize_asym(x, bits: int, scale=None, zero_point=None, *, block_k: 
 def triton_int8_gemm(a, b, rowsum, s_x, c_x, s_w, c_w, b_sum, bias=None, out_dtype=None,
                      *, blocks: tuple[int, int, int] | None = None):
     """``y`` [M, N] of the module docstring's GEMM and epilogue. ``b``: int8 [K, N] weight
-    codes minus their offset, or uint8 [ceil(K/2), N] packed 4-bit codes (``pack_int4_t``).
+    codes minus their offset, or uint8 [ceil(K/2), N] packed 4-bit codes (the module docstring's layout).
     ``blocks`` overrides (BLOCK_M, BLOCK_N, BLOCK_K) (each a power of two, at least 16; on
     GPUs BLOCK_K at least 32, 64 for packed weights)."""
     import torch
@@ -220,7 +214,7 @@ def triton_int8_gemm(a, b, rowsum, s_x, c_x, s_w, c_w, b_sum, bias=None, out_dty
             or b.shape[0] != rows_b):
         raise ValueError(f"{name}: expected int8 a [M, K] and int8 b [K, N] (or packed 4-bit uint8 b "
                          f"[ceil(K/2), N]), got {a.dtype} {tuple(a.shape)} and {b.dtype} {tuple(b.shape)}")
-    _check_device(a, name)
+    check_device(a, name, INTERPRETED)
     m, k = a.shape
     n = b.shape[1]
     if a.stride(-1) != 1:

@@ -1,6 +1,6 @@
 """Per-token symmetric int8 quantization in Triton.
 
-Contract (shared with the PyTorch reference ``fastquant.ops.int8.torch_quantize_per_token_int8``
+Contract (shared with the PyTorch reference ``fastquant.ops.quantize_int8.torch_quantize_per_token_int8``
 and the CUDA kernel in ``csrc/quant_int8.cu``; the three agree bit for bit on finite input):
 
     x is read as float32 (fp16 and bf16 convert exactly; fp64 is rounded to float32 first)
@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from . import KernelSpec
+from . import KernelSpec, check_device, is_interpreted
 
 # A tile holds at most this many elements; rows longer than the widest tile are walked
 # in chunks (two passes over global memory instead of one).
@@ -104,9 +104,7 @@ def _quantize_per_token_int8_kernel(
     tl.store(scale_ptr + rows, scale, mask=row_ok)
 
 
-def _is_interpreted() -> bool:
-    # TRITON_INTERPRET is read when @triton.jit runs, so ask the kernel object itself.
-    return not isinstance(_quantize_per_token_int8_kernel, triton.runtime.JITFunction)
+INTERPRETED = is_interpreted(_quantize_per_token_int8_kernel)
 
 
 def triton_quantize_per_token_int8(x, *, block_n: int | None = None):
@@ -120,15 +118,14 @@ def triton_quantize_per_token_int8(x, *, block_n: int | None = None):
     """
     import torch
 
-    from fastquant.ops.int8 import check_float_rows
-
     name = "triton_quantize_per_token_int8"
-    check_float_rows(x, name)
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"{name}: expected shape [..., N] with N > 0, got {tuple(x.shape)}")
     if block_n is not None and (block_n <= 0 or block_n & (block_n - 1)):
         raise ValueError(f"{name}: block_n must be a positive power of two, got {block_n}")
-    if x.device.type != "cuda" and not _is_interpreted():
-        raise ValueError(f"{name}: expected a CUDA tensor, got device {x.device} "
-                         "(set TRITON_INTERPRET=1 before import to run on the CPU)")
+    check_device(x, name, INTERPRETED)
 
     n = x.shape[-1]
     x2 = x.reshape(-1, n)

@@ -12,7 +12,7 @@ from _marks import dinov2_weights_missing, fmnist_missing, gpu_marks  # tests/ i
 from test_kernels_attention import check_against_twin, make_inputs
 
 from fastquant import backends
-from fastquant.ops.int8_linear import pack_int4_t, torch_int8_gemm, torch_quantize_asym
+from fastquant.ops.int8_linear import pack_weight_int4, torch_int8_gemm, torch_quantize_asym
 
 pytestmark = gpu_marks("needs a CUDA GPU and the CUDA extension"
                        + (f" ({backends.CUDA_EXT_REASON})" if backends.CUDA_EXT_REASON else ""),
@@ -58,7 +58,7 @@ def test_int8_gemm_equals_the_twin_bit_for_bit(m, k, n, w4, out_dtype, bias):
     b_sum = b.float().sum(0) + k * c_w
     bias_t = torch.randn(n, generator=g) if bias else None
     ref = torch_int8_gemm(a, b, rowsum, s_x, c_x, s_w, c_w, b_sum, bias_t, out_dtype=out_dtype)
-    cuda = [t.cuda() if t is not None else None for t in (a, pack_int4_t(b) if w4 else b, rowsum, s_x, c_x, s_w, c_w,
+    cuda = [t.cuda() if t is not None else None for t in (a, pack_weight_int4(b) if w4 else b, rowsum, s_x, c_x, s_w, c_w,
                                                           b_sum, bias_t)]
     got = _C.int8_gemm(*cuda, out_dtype)
     assert got.dtype == out_dtype and torch.equal(got.cpu(), ref)
@@ -69,7 +69,7 @@ def test_pack_int4_equals_the_twin(k, n):
     from fastquant import _C
 
     w = torch.randint(-8, 8, (k, n), generator=torch.Generator().manual_seed(2), dtype=torch.int8)
-    assert torch.equal(_C.pack_int4(w.cuda()).cpu(), pack_int4_t(w))
+    assert torch.equal(_C.pack_int4(w.cuda()).cpu(), pack_weight_int4(w))
 
 
 @pytest.mark.parametrize("n", [197, 65, 17, 256])
@@ -78,7 +78,7 @@ def test_pack_int4_equals_the_twin(k, n):
 def test_quant_attention_matches_the_twin(n, a_bits, p_steps, p_bits, dtype):
     """The bounds of tests/test_kernels_attention.py (derived there from the contract)."""
     from fastquant import _C
-    from fastquant.quantizers import LogQuantizer
+    from fastquant.quant import LogQuantizer
 
     q, k, v, params = make_inputs(2, 3, n, 64, dtype, a_bits, 2.0, device="cuda")
     args = (q, k, v, *params, a_bits, 64 ** -0.5, 0.9, p_steps, p_bits)
@@ -99,7 +99,8 @@ def test_cuda_deployment_keeps_the_predictions():
     linear layer on the CUDA GEMM, every attention fused, predictions as the fake-quant model's."""
     import fastquant
     from fastquant.data import load_dataset, stack
-    from fastquant.deploy import FusedQuantAttention, Int8Linear, convert
+    from fastquant import convert, record_of
+    from fastquant.nn import FusedQuantAttention, Int8Linear
     from fastquant.models import load_model
 
     model, dcfg, _ = load_model("dinov2-s14-fmnist")
@@ -107,8 +108,8 @@ def test_cuda_deployment_keeps_the_predictions():
     q = fastquant.quantize(model, calib[:32], fastquant.QuantConfig(method="rtn", w_bits=8, a_bits=8), progress=False)
     dep = convert(copy.deepcopy(q).cuda(), "cuda")
     assert all(m.backend == "cuda" for m in dep.modules() if isinstance(m, Int8Linear))
-    assert dep.fastquant_deploy["fused_attention"] and not dep.fastquant_deploy["unfused_attention"]
-    assert all(isinstance(dep.get_submodule(n), FusedQuantAttention) for n in dep.fastquant_deploy["fused_attention"])
+    assert record_of(dep).deploy.fused_attention and not record_of(dep).deploy.unfused_attention
+    assert all(isinstance(dep.get_submodule(n), FusedQuantAttention) for n in record_of(dep).deploy.fused_attention)
     x = calib[32:64]
     with torch.no_grad():
         ref, out = q(x), dep(x.cuda()).cpu()

@@ -5,10 +5,11 @@ from _marks import needs_gpu  # tests/_marks.py
 from torch import nn
 
 import fastquant
-from fastquant.deploy import Int8Linear, convert, why_not_int8
+from fastquant import convert, record_of
+from fastquant.nn import Int8Linear
 from fastquant.evaluate import evaluate
-from fastquant.modules import QuantLinear, _adopt
-from fastquant.quantizers import UniformQuantizer
+from fastquant.nn import QuantLinear, adopt
+from fastquant.quant import UniformQuantizer
 
 
 def _layer(w_bits: int, a_bits: int, per_token: bool, bias: bool, seed: int = 0) -> QuantLinear:
@@ -33,7 +34,7 @@ def _layer(w_bits: int, a_bits: int, per_token: bool, bias: bool, seed: int = 0)
 def test_int8_linear_equals_the_fake_quant_layer(w_bits, a_bits, per_token, bias):
     """Same codes, exact integer sums: only float rounding of the epilogue differs."""
     layer = _layer(w_bits, a_bits, per_token, bias)
-    dep = Int8Linear.from_quant_linear(layer)
+    dep = Int8Linear.pack(layer)
     x = torch.randn(3, 37, 96) * 2 + 0.3  # some values clipped at both ends
     with torch.no_grad():
         ref, out = layer(x), dep(x)
@@ -65,7 +66,7 @@ def test_fused_cpu_kernels_equal_the_reference(w_bits, a_bits, per_token, rows):
 
     if not backends.CPU_EXT_AVAILABLE:
         pytest.skip(backends.CPU_EXT_REASON)
-    dep = Int8Linear.from_quant_linear(_layer(w_bits, a_bits, per_token, bias=True, seed=rows))
+    dep = Int8Linear.pack(_layer(w_bits, a_bits, per_token, bias=True, seed=rows)).set_backend("cpu")
     gen = torch.Generator().manual_seed(rows)
     x = (torch.randn(96, rows, generator=gen) * 2 + 0.3).t()  # non-contiguous rows
     with torch.no_grad():
@@ -78,7 +79,7 @@ def test_fused_cpu_kernels_equal_the_reference(w_bits, a_bits, per_token, rows):
         assert outb.dtype == torch.bfloat16 and torch.equal(outb, out32.to(torch.bfloat16))
         refb = dep.reference(xb)
         assert (out32 - refb).abs().max() <= 1e-6 * refb.abs().max()
-    dep.use_kernels = False
+    dep.set_backend("torch")
     with torch.no_grad():
         assert torch.equal(dep(x), ref)
 
@@ -90,7 +91,7 @@ def test_fused_cpu_kernels_check_their_inputs():
         pytest.skip(backends.CPU_EXT_REASON)
     from fastquant import _C_cpu
 
-    dep = Int8Linear.from_quant_linear(_layer(8, 8, False, True))
+    dep = Int8Linear.pack(_layer(8, 8, False, True))
     args = (8, dep.w_corr, dep.col_add, dep.col_scale)
     with pytest.raises(RuntimeError, match="x must be a contiguous 2-D float32"):
         _C_cpu.int8_linear_static(torch.zeros(4, 96, dtype=torch.float64), dep.weight_t, 0.1, 0.0, *args)
@@ -106,7 +107,7 @@ def test_attention_fake_quant_kernel_equals_the_quantizer(tiny_w8a8):
     exactly what UniformQuantizer.forward does (same float operations), per tensor and
     per head."""
     from fastquant import backends
-    from fastquant.deploy import KernelFakeQuant
+    from fastquant.nn import KernelFakeQuant
 
     dep = convert(tiny_w8a8)
     quantizers = [m for m in dep.modules() if isinstance(m, KernelFakeQuant)]
@@ -118,7 +119,7 @@ def test_attention_fake_quant_kernel_equals_the_quantizer(tiny_w8a8):
         with torch.no_grad():
             assert torch.equal(q(x), UniformQuantizer.forward(q, x))
         assert set(q.state_dict()) == set(UniformQuantizer(8).state_dict())  # saved under the same names
-    per_head = _adopt(KernelFakeQuant, UniformQuantizer(4, (1, 3, 1, 1)))
+    per_head = adopt(KernelFakeQuant, UniformQuantizer(4, (1, 3, 1, 1)))
     per_head.set_qparams(torch.tensor([0.1, 0.3, 0.05]), torch.tensor([7.0, 3.0, 12.0]))
     assert per_head._inner(x) == 197 * 64
     with torch.no_grad():
@@ -131,12 +132,12 @@ def test_log_quant_kernel_equals_the_quantizer(bits, base):
     """The softmax's log quantizer in one pass: the same level as LogQuantizer.forward for
     softmax rows, exact levels, midpoints between levels, zero, and values above the scale."""
     from fastquant import backends
-    from fastquant.deploy import KernelLogQuant
-    from fastquant.quantizers import LogQuantizer
+    from fastquant.nn import KernelLogQuant
+    from fastquant.quant import LogQuantizer
 
     if not backends.CPU_EXT_AVAILABLE:
         pytest.skip(backends.CPU_EXT_REASON)
-    q = _adopt(KernelLogQuant, LogQuantizer(bits, base))
+    q = adopt(KernelLogQuant, LogQuantizer(bits, base))
     q.scale.fill_(0.9)
     q.mode = "quant"
     levels = q.dequantize(torch.arange(q.zero_code + 1))
@@ -154,11 +155,11 @@ def test_int8_linear_refuses_what_it_cannot_express():
     layer = _layer(8, 8, False, True)
     layer.input_quant = UniformQuantizer(8, (96,))
     layer.input_quant.mode = "quant"
-    assert "per channel" in why_not_int8(layer)
+    assert "per channel" in Int8Linear.why_not(layer)
     with pytest.raises(fastquant.FastquantError, match="per channel"):
-        Int8Linear.from_quant_linear(layer)
+        Int8Linear.pack(layer)
     layer.input_quant = None
-    assert "not uniformly quantized" in why_not_int8(layer)
+    assert "not uniformly quantized" in Int8Linear.why_not(layer)
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +175,7 @@ def test_convert_runs_every_linear_on_integers_and_keeps_accuracy(tiny_w8a8, tin
     _, test = tiny_data
     dep = convert(q)
     n_linear = sum(isinstance(m, QuantLinear) for m in q.modules())
-    assert len(dep.fastquant_deploy["converted"]) == n_linear and not dep.fastquant_deploy["kept"]
+    assert len(record_of(dep).deploy.converted) == n_linear and not record_of(dep).deploy.kept
     assert not any(isinstance(m, QuantLinear) for m in dep.modules())
     assert any(isinstance(m, QuantLinear) for m in q.modules())  # the original is untouched
     images = torch.stack([test[i][0] for i in range(200)])
@@ -209,8 +210,8 @@ def test_deployed_model_saves_and_loads_as_integers(tiny, tiny_data, tmp_path):
     path = tmp_path / "dep.safetensors"
     fastquant.save(dep, path)
     loaded = fastquant.load(path)
-    assert loaded.fastquant_deploy["converted"] == dep.fastquant_deploy["converted"]
-    for name in dep.fastquant_deploy["converted"]:
+    assert record_of(loaded).deploy.converted == record_of(dep).deploy.converted
+    for name in record_of(dep).deploy.converted:
         a, b = dep.get_submodule(name), loaded.get_submodule(name)
         assert isinstance(b, Int8Linear)
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
@@ -244,14 +245,15 @@ def test_fused_attention_twin_equals_the_fake_quant_attention(tiny, tiny_data, s
     the module's plumbing (qkv split, layout, projection)."""
     import copy
 
-    from fastquant.deploy import FusedQuantAttention, _fuse_attention
+    from fastquant.deploy import fuse_attention
+    from fastquant.nn import FusedQuantAttention
 
     model, _, _ = tiny
     calib, _ = tiny_data
     q = fastquant.quantize(model, calib[:32], fastquant.QuantConfig(method="rtn", w_bits=8, a_bits=8, softmax=softmax),
                            progress=False)
     fused = copy.deepcopy(q)
-    names, unfused = _fuse_attention(fused, "torch")
+    names, unfused = fuse_attention(fused, "torch")
     assert len(names) == len(fused.blocks) and not unfused
     assert all(isinstance(fused.get_submodule(n), FusedQuantAttention) for n in names)
     x = calib[32:40]
@@ -268,7 +270,7 @@ def test_fused_attention_twin_equals_the_fake_quant_attention(tiny, tiny_data, s
 
 
 def test_why_not_fused_names_the_reason(tiny, tiny_data):
-    from fastquant.deploy import why_not_fused
+    from fastquant.nn import FusedQuantAttention
 
     model, _, _ = tiny
     calib, _ = tiny_data
@@ -276,7 +278,7 @@ def test_why_not_fused_names_the_reason(tiny, tiny_data):
                        (dict(per_token=True, qk_per_head=False), "fixed step")):
         q = fastquant.quantize(model, calib[:16], fastquant.QuantConfig(method="rtn", w_bits=8, a_bits=8, **cfg),
                                progress=False)
-        assert match in why_not_fused(q.blocks[0].attn)
+        assert match in FusedQuantAttention.why_not(q.blocks[0].attn)
 
 
 @needs_gpu
@@ -285,13 +287,13 @@ def test_triton_deployment_fuses_attention_on_gpu(tiny, tiny_data):
     (kernels/attention.py) and keeps the fake-quantized model's predictions."""
     import copy
 
-    from fastquant.deploy import FusedQuantAttention
+    from fastquant.nn import FusedQuantAttention
 
     model, _, _ = tiny
     calib, _ = tiny_data
     q = fastquant.quantize(model, calib[:32], fastquant.QuantConfig(method="rtn", w_bits=8, a_bits=8), progress=False)
     dep = convert(copy.deepcopy(q).cuda(), "triton")
-    names = dep.fastquant_deploy["fused_attention"]
+    names = record_of(dep).deploy.fused_attention
     assert len(names) == len(dep.blocks) and all(isinstance(dep.get_submodule(n), FusedQuantAttention) for n in names)
     x = calib[32:64]
     with torch.no_grad():
@@ -305,7 +307,7 @@ def test_int8_linear_keeps_float32_scales_when_the_model_is_cast_to_half():
     survive fp16); the half layer matches the float one up to the input's fp16 rounding."""
     import copy
 
-    dep = Int8Linear.from_quant_linear(_layer(8, 8, False, True))
+    dep = Int8Linear.pack(_layer(8, 8, False, True))
     half = copy.deepcopy(dep).half()
     assert half.weight_t.dtype == torch.int8
     assert all(getattr(half, n).dtype == torch.float32 for n in Int8Linear._FLOAT32_BUFFERS

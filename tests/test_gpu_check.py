@@ -116,3 +116,21 @@ def test_every_step_passes_with_time_to_spare(tmp_path):
 def test_usage_error_exits_2(args):
     proc = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "usage: bash bench/gpu_check.sh OUT_DIR" in proc.stderr
+
+
+def test_the_gpu_benchmarks_run_on_the_cpu_in_smoke_mode(tmp_path):
+    """Every line of bench/run.py's kernel benchmarks (W8A8 GEMM with the CUDA C++ beside Triton
+    where built, attention, the reconstruction step, quantization), on tiny shapes through
+    Triton's CPU interpreter: a benchmark broken by a change fails here, not on the GPU day."""
+    pytest.importorskip("triton")
+    out = tmp_path / "smoke.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--sections", "kernels", "--smoke",
+                           "--reps", "1", "--json", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    names = [r["name"] for r in json.loads(out.read_text())["records"]]
+    assert not [n for n in names if n.endswith("_error")], proc.stdout[-3000:]
+    for name in ("kernel:w8a8_linear", "kernel:quant_attention", "recon_step", "target:recon_step",
+                 "kernel:quantize_per_token_int8"):
+        assert name in names, (name, names)

@@ -33,8 +33,9 @@ import torch
 from _interp import run_interpreted  # tests/_interp.py (the tests folder is on sys.path)
 from _marks import needs_gpu  # tests/_marks.py
 
-from fastquant.ops.attention import _codes, log_codes, torch_quant_attention
-from fastquant.quantizers import range_to_qparams
+from fastquant.ops.attention import _codes, quant_attention, torch_quant_attention
+from fastquant.quant import log_codes
+from fastquant.quant import range_to_qparams
 
 
 # name -> (B, H, N, D, input dtype, a_bits, p_steps, p_bits, p_scale, gain, blocks, out dtype)
@@ -166,7 +167,7 @@ from fastquant.kernels import attention as K
 spec = importlib.util.spec_from_file_location("cases", sys.argv[1])
 cases = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(cases)
-report = {"interpreted": K._is_interpreted(), "cases": {}}
+report = {"interpreted": K.INTERPRETED, "cases": {}}
 for name in cases.CASE_NAMES:
     args, kwargs = cases.case_args(name)
     start = time.perf_counter()
@@ -231,13 +232,17 @@ _BAD_INPUTS = [  # (argument index -> replacement, the error message expected)
 
 
 @pytest.mark.parametrize("change, message", _BAD_INPUTS, ids=[m.split(" ")[0] for _, m in _BAD_INPUTS])
-def test_wrapper_rejects_bad_inputs(change, message):
-    kernels = pytest.importorskip("fastquant.kernels.attention")
+def test_op_rejects_bad_inputs(change, message):
     args = _valid_cpu_args()
     for i, value in change.items():
         args[i] = value
-    with pytest.raises(ValueError, match="^triton_quant_attention: .*" + message):
-        kernels.triton_quant_attention(*args)
+    with pytest.raises(ValueError, match="^quant_attention: .*" + message):
+        quant_attention(*args)
+
+
+def test_op_on_valid_inputs_is_the_twin():
+    args = _valid_cpu_args()
+    assert torch.equal(quant_attention(*args, backend="torch"), torch_quant_attention(*args))
 
 
 def test_wrapper_rejects_bad_options_and_cpu_tensors():
@@ -247,7 +252,7 @@ def test_wrapper_rejects_bad_options_and_cpu_tensors():
         kernels.triton_quant_attention(*args, out_dtype=torch.int32)
     with pytest.raises(ValueError, match=r"blocks must be two powers of two, at least 16, got \(48, 64\)"):
         kernels.triton_quant_attention(*args, blocks=(48, 64))
-    if not kernels._is_interpreted():  # compiled mode: CPU tensors are refused with the way out
+    if not kernels.INTERPRETED:  # compiled mode: CPU tensors are refused with the way out
         with pytest.raises(ValueError, match="expected CUDA tensors, got device cpu .*TRITON_INTERPRET=1"):
             kernels.triton_quant_attention(*args)
 

@@ -56,9 +56,8 @@ import torch
 from _interp import run_interpreted  # tests/_interp.py (the tests folder is on sys.path)
 from _marks import needs_gpu_with  # tests/_marks.py
 
-from fastquant.ops.attention import log_codes
-from fastquant.ops.fq_attention import fake_quant_operand, log_fake_quant, torch_fq_attention
-from fastquant.quantizers import range_to_qparams
+from fastquant.ops.fq_attention import fake_quant_operand, fq_attention, log_fake_quant, torch_fq_attention
+from fastquant.quant import log_codes, range_to_qparams
 
 needs_gpu = needs_gpu_with("needs a CUDA GPU (the kernels run in the interpreter here; this checks compiled "
                            "GPU numerics at ViT-B scale)")
@@ -100,7 +99,7 @@ def _masks(kinds, shape_qkv, shape_p, gen):
 
 
 def make_case(name, device="cpu"):
-    """Arguments of torch_fq_attention / triton_fq_attention (a dict) and the output gradient.
+    """Arguments of torch_fq_attention / fq_attention (a dict) and the output gradient.
     q, k, v are views of one permuted qkv tensor (non-contiguous), as the model has them."""
     g = torch.Generator().manual_seed(sum(map(ord, name)))
     if name == TIES_CASE:
@@ -284,15 +283,17 @@ _CHILD = r"""
 import importlib.util, json, sys, time
 import torch
 from fastquant.kernels import fq_attention as K
+from fastquant.ops.fq_attention import fq_attention
 
 spec = importlib.util.spec_from_file_location("cases", sys.argv[1])
 cases = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(cases)
-report = {"interpreted": K._is_interpreted(), "cases": {}}
+report = {"interpreted": K.INTERPRETED, "cases": {}}
 for name in cases.CASE_NAMES:
     args, grad, blocks = cases.make_case(name)
     start = time.perf_counter()
-    out, grads = cases.forward_backward(K.triton_fq_attention, args, grad, blocks=blocks)
+    out, grads = cases.forward_backward(fq_attention, args, grad, backend="triton",
+                                        **({"blocks": blocks} if blocks else {}))
     seconds = time.perf_counter() - start
     report["cases"][name] = {**cases.compare(out, grads, args, grad), "seconds": round(seconds, 2)}
 report["integration"] = cases.integration_in_interpreter()
@@ -341,9 +342,9 @@ def small_attention(per_head: bool, bits: int = 4, base: str = "sqrt2", heads: i
                     tokens: int = 17, seed: int = 0):
     """A calibrated QuantAttention (timm Attention, head dim dim / heads) with its matmuls'
     quantizers wrapped for reconstruction (LearnableState), in training mode, and an input."""
-    from fastquant.modules import QuantAttention, QuantMatMul
-    from fastquant.quantizers import LogQuantizer, UniformQuantizer
-    from fastquant.recon.learnable import LearnableState
+    from fastquant.nn import QuantAttention, QuantMatMul
+    from fastquant.quant import LogQuantizer, UniformQuantizer
+    from fastquant.recon import LearnableState
     from timm.layers.attention import Attention
 
     torch.manual_seed(seed)
@@ -385,7 +386,7 @@ def reference_path(attn, q, k, v):
 def twin_args(attn, q, k, v, seed: int):
     """torch_fq_attention's arguments for ``attn``'s wrappers, with the QDrop masks the
     wrappers draw from ``seed`` (in the reference's order: Q, K^T, P, V)."""
-    from fastquant.recon.learnable import MIN_SCALE, keep_mask
+    from fastquant.quant import MIN_SCALE, keep_mask
 
     aq, ak, ap, av = attn.matmul_qk.a_quant, attn.matmul_qk.b_quant, attn.matmul_pv.a_quant, attn.matmul_pv.b_quant
     gen = torch.Generator(device=q.device).manual_seed(seed)
@@ -470,23 +471,21 @@ class _FakeCuda:
     dtype = torch.float32
 
 
-def test_fused_attention_applies_to_the_supported_wrappers_only(monkeypatch):
+def test_fused_attention_applies_to_the_supported_wrappers_only():
     pytest.importorskip("triton")
-    from fastquant.ops import fq_linear
+    from fastquant import settings
     from fastquant.ops.fq_attention import fused_attention_applies
-    from fastquant.quantizers import UniformQuantizer
-    from fastquant.recon.learnable import ActQuant
+    from fastquant.quant import ActQuant, UniformQuantizer
 
-    monkeypatch.setattr(fq_linear, "FUSED_RECON", True)
-    for per_head in (True, False):
-        attn, x = small_attention(per_head)
-        assert fused_attention_applies(attn, _FakeCuda()) and not fused_attention_applies(attn, x)
-    monkeypatch.setattr(fq_linear, "FUSED_RECON", False)  # the one switch of both fused ops
+    with settings.overridden(fused_recon=True):
+        for per_head in (True, False):
+            attn, x = small_attention(per_head)
+            assert fused_attention_applies(attn, _FakeCuda()) and not fused_attention_applies(attn, x)
+    with settings.overridden(fused_recon=False):  # the one switch of both fused ops
+        assert not fused_attention_applies(attn, _FakeCuda())
+    attn.matmul_pv.b_quant.float_ = True  # POS's float stage: the reference path
     assert not fused_attention_applies(attn, _FakeCuda())
-    monkeypatch.setattr(fq_linear, "FUSED_RECON", True)
-    attn.matmul_pv.b_quant.float_act = True  # POS's float stage: the reference path
-    assert not fused_attention_applies(attn, _FakeCuda())
-    attn.matmul_pv.b_quant.float_act = False
+    attn.matmul_pv.b_quant.float_ = False
     attn.matmul_qk.a_quant.quantizer.mode = "off"
     assert not fused_attention_applies(attn, _FakeCuda())
     attn.matmul_qk.a_quant.quantizer.mode = "quant"
@@ -502,7 +501,7 @@ def test_fused_attention_applies_to_the_supported_wrappers_only(monkeypatch):
     assert not fused_attention_applies(attn, _FakeCuda())
 
 
-def fused_against_reference(attn, x, seed: int) -> dict:
+def fused_against_reference(attn, x, seed: int, backend=None) -> dict:
     """``fused_attention`` (the call QuantAttention makes on CUDA) against the module's
     reference path, with QDrop at 0.5 and the same generator seed: values and gradients
     within the kernel's bounds (compare), and the generator left in the same state."""
@@ -512,7 +511,7 @@ def fused_against_reference(attn, x, seed: int) -> dict:
     w = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed)).to(x.device)
     wrappers = (attn.matmul_qk.a_quant, attn.matmul_qk.b_quant, attn.matmul_pv.b_quant)
     gen = set_qdrop(attn, 0.5, seed, x.device)
-    out = fused_attention(attn, q, k, v)
+    out = fused_attention(attn, q, k, v, backend)
     grads = torch.autograd.grad((out * w).sum(), [q, k, v] + [a.scale for a in wrappers])
     state_fused = gen.get_state()
     gen = set_qdrop(attn, 0.5, seed, x.device)
@@ -528,7 +527,7 @@ def fused_against_reference(attn, x, seed: int) -> dict:
 def integration_in_interpreter() -> dict:
     """Run in the interpreter child (CPU tensors reach the kernels there)."""
     attn, x = small_attention(True, bits=4, base="2", heads=2, dim=64, tokens=23)
-    return fused_against_reference(attn, x, seed=9)
+    return fused_against_reference(attn, x, seed=9, backend="triton")
 
 
 def test_fused_attention_matches_the_modules_in_the_interpreter(report):
@@ -565,22 +564,21 @@ _BAD_INPUTS = [  # (argument -> replacement, the error message expected)
 
 
 @pytest.mark.parametrize("change, message", _BAD_INPUTS, ids=[m.split(" ")[0] for _, m in _BAD_INPUTS])
-def test_wrapper_rejects_bad_inputs(change, message):
-    kernels = pytest.importorskip("fastquant.kernels.fq_attention")
+def test_op_rejects_bad_inputs(change, message):
     args = _valid_cpu_args()
     args.update(change)
-    with pytest.raises(ValueError, match="^triton_fq_attention: .*" + message):
-        kernels.triton_fq_attention(**args)
+    with pytest.raises(ValueError, match="^fq_attention: .*" + message):
+        fq_attention(**args)
 
 
-def test_wrapper_rejects_bad_blocks_and_cpu_tensors():
+def test_triton_backend_rejects_bad_blocks_and_cpu_tensors():
     kernels = pytest.importorskip("fastquant.kernels.fq_attention")
     args = _valid_cpu_args()
     with pytest.raises(ValueError, match=r"blocks must be two powers of two, at least 16, got \(48, 64\)"):
-        kernels.triton_fq_attention(**args, blocks=(48, 64))
-    if not kernels._is_interpreted():  # compiled mode: CPU tensors are refused with the way out
+        fq_attention(**args, backend="triton", blocks=(48, 64))
+    if not kernels.INTERPRETED:  # compiled mode: CPU tensors are refused with the way out
         with pytest.raises(ValueError, match="expected CUDA tensors, got device cpu .*TRITON_INTERPRET=1"):
-            kernels.triton_fq_attention(**args)
+            fq_attention(**args, backend="triton")
 
 
 # -- on a GPU ----------------------------------------------------------------------------------------
@@ -588,12 +586,10 @@ def test_wrapper_rejects_bad_blocks_and_cpu_tensors():
 @pytest.mark.parametrize("p_steps, masks", [(2, "qkvp"), (1, "")])
 def test_kernels_match_twin_on_gpu(p_steps, masks, monkeypatch):
     """ViT-B's attention (batch 32, 12 heads, 197 tokens, D = 64), compiled kernels."""
-    from fastquant.kernels.fq_attention import triton_fq_attention
-
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setitem(CASES, "gpu", (32, 12, 197, 64, 4, p_steps, 4, 1.0, 1.5, masks, None))
     args, grad, _ = make_case("gpu", device="cuda")
-    out, grads = forward_backward(triton_fq_attention, args, grad)
+    out, grads = forward_backward(fq_attention, args, grad, backend="triton")
     r = compare(out, grads, args, grad)
     for name in ("out", "dq", "dk", "dv", "ds_q", "ds_k", "ds_v"):
         assert r[name]["ok"], (name, r[name])
@@ -603,7 +599,7 @@ def test_kernels_match_twin_on_gpu(p_steps, masks, monkeypatch):
 
 @needs_gpu
 def test_quant_attention_takes_the_fused_path_on_gpu(monkeypatch):
-    """On CUDA, QuantAttention.forward calls the kernel (unless fq_linear.FUSED_RECON is off),
+    """On CUDA, QuantAttention.forward calls the kernel (unless settings.fused_recon() is off),
     whose values and gradients match the reference path's under the kernel's bounds, with
     the same QDrop masks and the generator left in the same state."""
     from fastquant.ops import fq_attention
@@ -616,11 +612,10 @@ def test_quant_attention_takes_the_fused_path_on_gpu(monkeypatch):
     monkeypatch.setattr(fq_attention, "fused_attention", lambda *a: calls.append(1) or fused(*a))
     set_qdrop(attn, 0.5, 3, "cuda")
     attn(x).sum().backward()
-    from fastquant.ops import fq_linear
+    from fastquant import settings
 
-    monkeypatch.setattr(fq_linear, "FUSED_RECON", False)
-    attn(x).sum().backward()
+    with settings.overridden(fused_recon=False):
+        attn(x).sum().backward()
     assert calls == [1]
-    monkeypatch.setattr(fq_linear, "FUSED_RECON", True)
     r = fused_against_reference(attn, x, seed=3)
     assert r["same_generator_state"] and r["ok"], r

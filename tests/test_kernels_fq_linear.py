@@ -48,11 +48,12 @@ import torch
 from _interp import run_interpreted  # tests/_interp.py (the tests folder is on sys.path)
 from _marks import needs_gpu  # tests/_marks.py
 
-from fastquant.modules import QuantLinear
 import fastquant.ops.fq_linear as fq_mod
+from fastquant import settings
+from fastquant.nn import QuantLinear
 from fastquant.ops.fq_linear import (fq_grids, fq_linear, fused_recon_linear, torch_fq_linear,
                                      torch_fq_linear_backward, torch_fq_linear_forward)
-from fastquant.recon.learnable import ActQuant, AdaRoundWeight, keep_mask
+from fastquant.quant import ActQuant, AdaRoundWeight, keep_mask
 
 
 U16, EPS_H = 2.0 ** -11, 2.0 ** -19
@@ -271,7 +272,7 @@ from fastquant.kernels import fq_linear as K
 spec = importlib.util.spec_from_file_location("cases", sys.argv[1])
 cases = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(cases)
-report = {"interpreted": K._is_interpreted(), "cases": {}, "seconds": {}}
+report = {"interpreted": K.INTERPRETED, "cases": {}, "seconds": {}}
 for name in cases.CASE_NAMES:
     t = time.perf_counter()
     report["cases"][name] = cases.run_case(name)
@@ -340,7 +341,7 @@ def run_seam(device="cpu") -> dict:
     """A wrapped QuantLinear (W3A4, bias) through the fused op against its reference grid
     path in fp32 (same QDrop mask): on the CPU the operands ``recon_operands`` takes from the
     wrappers go through ``fq_linear(..., backend="triton")`` (the interpreter); on a GPU the
-    layer itself runs, with FUSED_RECON on and off. Largest differences relative to the
+    layer itself runs, with settings.fused_recon() on and off. Largest differences relative to the
     largest reference value: y, then the gradients of x, the LSQ step, alpha and bias."""
     out = {}
     for name, (soft, drop) in SEAM_CASES.items():
@@ -360,15 +361,12 @@ def run_seam(device="cpu") -> dict:
         results = []
         for fused in (False, True):
             act.generator = torch.Generator(device=device).manual_seed(3)
-            old, fq_mod.FUSED_RECON = fq_mod.FUSED_RECON, fused
-            try:
+            with settings.overridden(fused_recon=fused):
                 if fused and device == "cpu":
                     args = fq_mod.recon_operands(layer, x)
                     y = fq_linear(*args, backend="triton").reshape(3, 21, 40)
                 else:
                     y = layer(x)
-            finally:
-                fq_mod.FUSED_RECON = old
             results.append([y] + list(torch.autograd.grad(y, [x] + params, dy, allow_unused=True)))
         rel = []
         for r, g in zip(*results):
@@ -397,9 +395,9 @@ def test_twin_equals_the_quant_linear_grid_path(soft, drop, bias):
     """torch_fq_linear = QuantLinear._grid_forward with fp32 grids (ActQuant / LsqGrid,
     AdaRoundWeight, grid_linear), values and gradients (x, the LSQ step, alpha, bias),
     with the same QDrop mask drawn from the same generator."""
-    from fastquant.recon import learnable
+    from fastquant.quant import functional
 
-    assert (fq_mod.ZETA, fq_mod.GAMMA) == (learnable.ZETA, learnable.GAMMA)  # the op keeps its own copy
+    assert (fq_mod.ZETA, fq_mod.GAMMA) == (functional.ZETA, functional.GAMMA)  # AdaRound's one definition
     layer = _wrapped_layer(4, 3, bias)
     act, wq = layer.input_quant, layer.weight_quant
     wq.soft = soft
@@ -435,15 +433,15 @@ def test_twin_equals_the_quant_linear_grid_path(soft, drop, bias):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_torch_backends_equal_the_twin(case):
-    """The written-out PyTorch forward and backward (the ops' CPU implementation), by the
-    autograd function ('torch') and through the torch.library ops ('auto'), equal the
+    """The written-out PyTorch forward and backward (the ops' CPU implementation), named
+    ('torch') and picked for CPU tensors (None), equal the
     autograd twin to float32 rounding (they order the same sums differently; ds_x is
     summed in one term per element, the twin's in two that cancel: compared within the
     twin's own error bound)."""
     args, dy, soft, x_grad, _, _ = case_inputs(case)
     twin = run_autograd(torch_fq_linear, args, dy, soft, x_grad)
     ref = exact_and_bounds(args, dy, soft)
-    for backend in ("torch", "auto"):
+    for backend in ("torch", None):
         got = run_autograd(fq_linear, args, dy, soft, x_grad, backend=backend)
         assert set(got) == set(twin)
         for key, t in twin.items():
@@ -494,7 +492,7 @@ def test_fq_linear_checks_its_inputs():
 
 def test_triton_wrappers_refuse_cpu_tensors_outside_the_interpreter():
     kernels = pytest.importorskip("fastquant.kernels.fq_linear")
-    if kernels._is_interpreted():
+    if kernels.INTERPRETED:
         pytest.skip("TRITON_INTERPRET is set in this process")
     args = make_inputs(8, 32, 16, 4, 4, True, True)
     with pytest.raises(ValueError, match="expected CUDA tensors"):
@@ -505,7 +503,7 @@ def test_triton_wrappers_refuse_cpu_tensors_outside_the_interpreter():
 @needs_gpu
 @pytest.mark.parametrize("case", CASE_NAMES)
 def test_triton_fq_linear_on_gpu(case):
-    r = run_case(case, backend="auto", device="cuda")
+    r = run_case(case, backend=None, device="cuda")
     for key, v in r.items():
         if key != "exact":
             assert v["ratio"] <= 1.0, (key, v)
@@ -538,8 +536,8 @@ def recon_step_models(model_name="vit_tiny_patch16_224", batch=4, device="cuda",
     (AdaRound soft rounding, LSQ steps, QDrop p = 0.5)."""
     import fastquant
     from fastquant._compat import import_timm
-    from fastquant.recon.learnable import LearnableState
-    from fastquant.recon.units import embed
+    from fastquant.recon import LearnableState
+    from fastquant.adapters import embed
 
     timm = import_timm()
     torch.manual_seed(seed)
@@ -575,10 +573,8 @@ def recon_steps(block, state, tokens, target, steps, fused: bool, seed=0):
             m.grid_dtype = torch.float32
     opt = torch.optim.Adam([{"params": params[:len(weights)], "lr": 1e-2}, {"params": params[len(weights):],
                                                                               "lr": 4e-5}])
-    old = fq_mod.FUSED_RECON
-    fq_mod.FUSED_RECON = fused
     losses, grads = [], None
-    try:
+    with settings.overridden(fused_recon=fused):
         for _ in range(steps):
             loss = torch.nn.functional.mse_loss(block(tokens), target)
             opt.zero_grad(set_to_none=True)
@@ -587,8 +583,6 @@ def recon_steps(block, state, tokens, target, steps, fused: bool, seed=0):
                 grads = [p.grad.detach().clone() for p in params]
             opt.step()
             losses.append(loss.item())
-    finally:
-        fq_mod.FUSED_RECON = old
     return losses, grads
 
 

@@ -47,7 +47,7 @@ _CHILD = r"""
 import importlib.util, json, sys
 import torch
 from fastquant.kernels import quant_int8
-from fastquant.ops.int8 import torch_quantize_per_token_int8
+from fastquant.ops.quantize_int8 import torch_quantize_per_token_int8
 
 # The case table and tie_rows() come from the test file itself (its path is argv[1]).
 spec = importlib.util.spec_from_file_location("int8_cases", sys.argv[1])
@@ -58,7 +58,7 @@ INTERPRETER_CASES, tie_rows = cases.INTERPRETER_CASES, cases.tie_rows
 torch.manual_seed(0)
 from triton.runtime import interpreter
 import numpy
-report = {"interpreted": quant_int8._is_interpreted(), "cases": {}, "numpy": numpy.__version__,
+report = {"interpreted": quant_int8.INTERPRETED, "cases": {}, "numpy": numpy.__version__,
           "numpy_compat": getattr(interpreter._patch_lang_tensor, "_fastquant_numpy_compat", False)}
 for name, (code, kwargs) in INTERPRETER_CASES.items():
     x = eval(code)
@@ -208,8 +208,8 @@ def test_triton_wrapper_rejects_bad_input():
         quant_int8.triton_quantize_per_token_int8(torch.ones(2, 2, dtype=torch.int8))
     with pytest.raises(ValueError, match="block_n must be a positive power of two, got 48"):
         quant_int8.triton_quantize_per_token_int8(torch.ones(2, 2), block_n=48)
-    if not quant_int8._is_interpreted():
-        with pytest.raises(ValueError, match="expected a CUDA tensor, got device cpu"):
+    if not quant_int8.INTERPRETED:
+        with pytest.raises(ValueError, match="expected CUDA tensors, got device cpu"):
             quant_int8.triton_quantize_per_token_int8(torch.ones(2, 2))
 
 

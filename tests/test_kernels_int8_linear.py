@@ -12,7 +12,7 @@ import torch
 from _interp import run_interpreted  # tests/_interp.py (the tests folder is on sys.path)
 from _marks import needs_gpu  # tests/_marks.py
 
-from fastquant.deploy import Int8Linear
+from fastquant.nn import Int8Linear
 from fastquant.ops.int8_linear import torch_int8_gemm, torch_quantize_asym
 
 
@@ -40,13 +40,13 @@ _CHILD = r"""
 import importlib.util, json, sys
 import torch
 from fastquant.kernels import int8_linear as K
-from fastquant.ops.int8_linear import torch_int8_gemm, torch_quantize_asym
+from fastquant.ops.int8_linear import pack_weight_int4, torch_int8_gemm, torch_quantize_asym
 
 spec = importlib.util.spec_from_file_location("cases", sys.argv[1])
 cases = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(cases)
 torch.manual_seed(0)
-report = {"interpreted": K._is_interpreted(), "quantize": {}, "gemm": {}}
+report = {"interpreted": K.INTERPRETED, "quantize": {}, "gemm": {}}
 for name, (code, bits, calib, kw) in cases.QUANTIZE_CASES.items():
     x = eval(code)
     args = (bits,) if calib is None else (bits, torch.tensor(calib[0]), torch.tensor(calib[1]))
@@ -67,7 +67,7 @@ for name, (m, k, n, bias, out, blocks) in cases.GEMM_CASES.items():
     bias_t = torch.randn(n, generator=g) if bias else None
     dt = getattr(torch, out)
     args = (a, b, rowsum, s_x, c_x, s_w, c_w, b_sum, bias_t)
-    y = K.triton_int8_gemm(a, K.pack_int4_t(b) if w4 else b, *args[2:], out_dtype=dt, blocks=blocks)
+    y = K.triton_int8_gemm(a, pack_weight_int4(b) if w4 else b, *args[2:], out_dtype=dt, blocks=blocks)
     ref32 = torch_int8_gemm(*args, out_dtype=torch.float32)
     # float32: within float32 rounding of the epilogue; fp16/bf16: the correctly rounded
     # reference within one unit in the last place of the output type
@@ -81,10 +81,10 @@ for name, (m, k, n, bias, out, blocks) in cases.GEMM_CASES.items():
     }
 # The deployed layer with backend "triton" (the interpreter runs it on CPU tensors).
 from test_deploy import _layer  # the tests folder is on the child's PYTHONPATH
-from fastquant.deploy import Int8Linear
+from fastquant.nn import Int8Linear
 report["layer"] = {}
 for w_bits, per_token in ((4, False), (4, True), (8, True)):
-    dep = Int8Linear.from_quant_linear(_layer(w_bits, 8, per_token, bias=True))
+    dep = Int8Linear.pack(_layer(w_bits, 8, per_token, bias=True))
     x = torch.randn(2, 19, 96) * 2
     ref = dep.reference(x.reshape(-1, 96)).reshape(2, 19, 40)
     dep.set_backend("triton")
@@ -107,7 +107,7 @@ def test_twins_compose_to_the_deployed_layer():
     from test_deploy import _layer  # the tests folder is on sys.path (no __init__.py)
 
     for per_token in (False, True):
-        dep = Int8Linear.from_quant_linear(_layer(4, 8, per_token, bias=True))
+        dep = Int8Linear.pack(_layer(4, 8, per_token, bias=True))
         x = torch.randn(50, 96) * 2
         scale = None if per_token else dep.x_scale
         a, rowsum, s_x, c_x = torch_quantize_asym(x, 8, scale, None if per_token else dep.x_zero)
@@ -141,15 +141,19 @@ def test_int8_linear_triton_backend_equals_its_reference(report, case):
     assert r["packed"] == case.startswith("w4"), r
 
 
-def test_pack_int4_t_layout():
-    from fastquant.kernels.int8_linear import pack_int4_t
+def test_pack_weight_int4_layout():
+    from fastquant.ops.int8_linear import pack_int4, pack_weight_int4, unpack_int4, unpack_weight_int4
 
-    pytest.importorskip("triton")
     w = torch.tensor([[-8, 7], [0, -1], [3, 5]], dtype=torch.int8)  # K = 3 (odd), N = 2
-    packed = pack_int4_t(w)
+    packed = pack_weight_int4(w)
     assert packed.dtype == torch.uint8 and packed.shape == (2, 2)
     # row 0: k=0 low nibble, k=1 high nibble (code = value + 8); row 1: k=2, then the pad (code 8)
     assert packed.tolist() == [[0 | (8 << 4), 15 | (7 << 4)], [11 | (8 << 4), 13 | (8 << 4)]]
+    assert torch.equal(unpack_weight_int4(packed, 3), w)
+    # The same packing along the last dim is the saved file's layout (odd length padded with 0).
+    codes = torch.tensor([[1, 2, 3], [15, 0, 9]], dtype=torch.uint8)
+    assert pack_int4(codes, dim=-1).tolist() == [[1 | (2 << 4), 3], [15, 9]]
+    assert torch.equal(unpack_int4(pack_int4(codes, dim=-1), 3, dim=-1), codes)
 
 
 @needs_gpu

@@ -7,8 +7,8 @@ from torch import nn
 
 import fastquant
 from fastquant._compat import import_timm
-from fastquant.modules import QuantAttention, QuantConv2d, QuantLinear, QuantMatMul, QuantWindowAttention
-from fastquant.ptq import quantizers_of, set_mode
+from fastquant.nn import QuantAttention, QuantConv2d, QuantLinear, QuantMatMul, QuantWindowAttention
+from fastquant.quant import quantizers_in, set_mode
 
 timm = import_timm()
 from timm.models.swin_transformer import SwinTransformer  # noqa: E402
@@ -50,10 +50,10 @@ def test_swap_keeps_float_function(builder, attn_cls, x_shape):
     assert count(q, QuantLinear) == n_linear and count(q, nn.Linear) == 0
     assert count(q, QuantConv2d) == 1
     assert count(q, QuantMatMul) == 2 * n_attn
-    set_mode(quantizers_of(q), "off")
+    set_mode(quantizers_in(q), "off")
     with torch.no_grad():
         assert torch.allclose(q(x), ref, atol=1e-5, rtol=1e-4)
-    set_mode(quantizers_of(q), "quant")
+    set_mode(quantizers_in(q), "quant")
     with torch.no_grad():
         out = q(x)
     assert not torch.allclose(out, ref)  # quantization does something
@@ -68,7 +68,7 @@ def test_forward_signature_kept():
     attn = q.blocks[0].attn
     tokens = torch.randn(2, 17, 48)
     mask = torch.ones(17, 17, dtype=torch.bool).tril()
-    set_mode(quantizers_of(q), "off")
+    set_mode(quantizers_in(q), "off")
     ref_attn = model.blocks[0].attn
     ref_attn.fused_attn = False
     with torch.no_grad():
@@ -108,15 +108,15 @@ def test_reparam_is_exact_in_float_and_per_tensor_after():
         assert not torch.allclose(blk.norm2.bias, ref_blk.norm2.bias)
         assert blk.attn.qkv.input_quant.scale.dim() == 0
         assert blk.mlp.fc1.input_quant.scale.dim() == 0
-    set_mode(quantizers_of(q), "off")
+    set_mode(quantizers_in(q), "off")
     with torch.no_grad():
         assert torch.allclose(q(x), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_reparam_matches_per_channel_quantization():
     """Per-tensor quantization after reparameterisation == per-channel before it."""
-    from fastquant.ptq import reparameterize
-    from fastquant.quantizers import UniformQuantizer
+    from fastquant.calib import reparameterize
+    from fastquant.quant import UniformQuantizer
 
     torch.manual_seed(1)
     ln = nn.LayerNorm(16)
@@ -157,7 +157,7 @@ def test_probe_head_reparam_through_token_pooling():
                                                            weight_rounding="nearest"), progress=False)
     assert q.head.input_quant.scale.dim() == 0
     assert not torch.equal(q.backbone.norm.weight, model.backbone.norm.weight)
-    set_mode(quantizers_of(q), "off")
+    set_mode(quantizers_in(q), "off")
     with torch.no_grad():
         assert torch.allclose(q(x), ref, atol=1e-4, rtol=1e-4)
 
@@ -172,17 +172,17 @@ def test_bias_correction_removes_the_mean_output_shift():
                                                                weight_rounding="nearest"), progress=False)
     q = fastquant.quantize(model, x, fastquant.QuantConfig(w_bits=4, a_bits=4, weight_rounding="nearest"),
                            progress=False)
-    assert q.fastquant_config.resolved("bias_correct")
+    assert fastquant.record_of(q).config.resolved("bias_correct")
     for name in ("blocks.0.mlp.fc2", "blocks.1.attn.proj"):
         layer, ref = q.get_submodule(name), plain.get_submodule(name)
         # The float inputs, taken from the uncorrected copy (q's upstream biases moved).
         inputs = []
         h = ref.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach()))
-        set_mode(quantizers_of(plain), "off")
+        set_mode(quantizers_in(plain), "off")
         with torch.no_grad():
             plain(x)
         h.remove()
-        set_mode(quantizers_of(plain), "quant")
+        set_mode(quantizers_in(plain), "quant")
         xin = torch.cat(inputs).reshape(-1, layer.in_features)
         with torch.no_grad():
             float_layer = model.get_submodule(name)
@@ -196,8 +196,8 @@ def test_bias_correction_removes_the_mean_output_shift():
 def test_gptq_rounding_lowers_the_output_error():
     """GPTQ picks grid points (same codes as the quantizer gives them) whose output
     error on inputs with the given second moment is below round-to-nearest's."""
-    from fastquant.ptq import gptq_round, round_to_grid
-    from fastquant.quantizers import UniformQuantizer
+    from fastquant.calib import gptq_round, round_to_grid
+    from fastquant.quant import UniformQuantizer
 
     g = torch.Generator().manual_seed(0)
     mix = torch.randn(32, 32, generator=g)

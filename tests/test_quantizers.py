@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fastquant import FastquantError
-from fastquant.quantizers import LogQuantizer, UniformQuantizer, fake_quant_uniform
+from fastquant.quant import LogQuantizer, UniformQuantizer, fake_quant_uniform
 
 
 def calibrated(q, x):

@@ -10,10 +10,11 @@ import torch
 import fastquant
 from fastquant import recon
 from fastquant.evaluate import evaluate
-from fastquant.modules import QuantLinear
+from fastquant.nn import QuantLinear
 from fastquant.ops import grid_linear
-from fastquant.quantizers import fake_quant_uniform
-from fastquant.recon.learnable import LearnableState, LsqGrid, beta_at, keep_mask
+from fastquant.quant import fake_quant_uniform
+from fastquant.quant import LsqGrid, beta_at, keep_mask
+from fastquant.recon import LearnableState
 
 N_CALIB = 32
 # RepQ's calibration with round-to-nearest weights and no bias correction: the float
@@ -375,11 +376,11 @@ def test_quant_linear_grid_path_follows_the_wrappers(w4a4):
             out = layer(x)
             torch.testing.assert_close(out, ref, rtol=tol, atol=tol * ref.abs().max().item())
             layer.grid_dtype = None
-    act.float_act = True
+    act.float_ = True
     layer.grid_dtype = torch.bfloat16
     assert layer._grid_forward(x) is None
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, state.weights[layer](layer.weight), layer.bias))
-    act.float_act = False
+    act.float_ = False
     act.drop_p, act.generator = 0.5, torch.Generator().manual_seed(0)
     layer.grid_dtype = torch.float32
     out = layer(x)

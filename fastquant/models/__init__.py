@@ -21,6 +21,7 @@ from torch import nn
 from .._compat import import_timm
 from ..data import DataConfig
 from ..errors import FastquantError
+from ..record import record_of
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DINOV2_HEAD = ASSETS / "dinov2_s14_fmnist_head.safetensors"
@@ -168,12 +169,5 @@ def load_model(name: str, checkpoint: Optional[str] = None, img_size: Optional[i
     model, cfg = build_model(spec)
     if not spec.img_size:
         spec = ModelSpec(spec.name, cfg.img_size, spec.num_classes, spec.checkpoint)
-    model.fastquant_spec = spec
+    record_of(model, create=True).spec = spec
     return model, cfg, spec
-
-
-def classifier_of(model: nn.Module) -> Optional[nn.Module]:
-    """The model's final classifier Linear, if it has one (quantized at the head's bits)."""
-    get = getattr(model, "get_classifier", None)
-    head = get() if callable(get) else getattr(model, "head", None)
-    return head if isinstance(head, nn.Linear) else None

@@ -19,10 +19,11 @@ class LinearProbe(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def fastquant_reparam_groups(self):
-        """The head's input is [class token, mean patch token] of the final LayerNorm's
-        output: both halves are per-channel linear in it, so per-channel input scales of
-        the head can be folded into that LayerNorm (channel j comes from j mod C)."""
+    def reparam_groups(self):
+        """(fastquant.adapters' protocol) The head's input is [class token, mean patch token]
+        of the final LayerNorm's output: both halves are per-channel linear in it, so
+        per-channel input scales of the head can be folded into that LayerNorm (channel j
+        comes from j mod C)."""
         norm = self.backbone.norm
         if not isinstance(norm, nn.LayerNorm):
             return []
@@ -32,6 +33,11 @@ class LinearProbe(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.backbone.forward_features(x)
         return probe_features(tokens, self.backbone.num_prefix_tokens)
+
+    def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits from the backbone's normalised tokens (timm's ``forward_head``, and
+        fastquant.adapters' protocol)."""
+        return self.head(probe_features(tokens, self.backbone.num_prefix_tokens))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

@@ -13,7 +13,7 @@ log-sqrt2, ``p_bits``). With ``qmax = 2^a_bits - 1`` and ``o = 2^(a_bits - 1)``:
     T     = a_q a_k^T + c_k rowsum(a_q) + c_q rowsum(a_k)^T + D c_q c_k    int32, exact
     S     = T * ((s_q s_k) * sm_scale)                       float32
     P     = softmax(S) over the keys
-    e     = the log quantizer's code of P (LogQuantizer.quantize: the nearest level
+    e     = the log quantizer's code of P (quant.functional.log_codes: the nearest level
             p_scale 2^(-e / p_steps) in value, or the zero code 2^p_bits - 1 for 0)
     P'    = 2^(-e / p_steps), 0 for the zero code
     O     = (p_scale s_v) * (P' a_v + c_v rowsum(P'))        [B, N, H, D]
@@ -33,23 +33,14 @@ accordingly (tests/test_kernels_attention.py derives the bound).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["torch_quant_attention", "log_codes"]
+from ..quant.functional import log_codes
+from .op import declare
 
-
-def log_codes(p: torch.Tensor, scale: float, steps: int, zero_code: int) -> torch.Tensor:
-    """Codes of ``fastquant.quantizers.LogQuantizer.quantize`` (same float operations), int32."""
-    p = p.float()
-    hi = torch.floor(-torch.log2((p / scale).clamp_min(1e-30)) * steps).clamp(0, zero_code)
-    lo = (hi + 1).clamp_max(zero_code)
-
-    def level(c):
-        val = scale * torch.exp2(-c / steps)
-        return torch.where(c == zero_code, torch.zeros_like(val), val)
-
-    code = torch.where((level(hi) - p).abs() <= (p - level(lo)).abs(), hi, lo)
-    return code.to(torch.int32)
+__all__ = ["QUANT_ATTENTION", "check_qkv", "quant_attention", "torch_quant_attention"]
 
 
 def _codes(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int, o: int) -> torch.Tensor:
@@ -78,3 +69,76 @@ def torch_quant_attention(q, k, v, s_q, z_q, s_k, z_k, s_v, z_v, a_bits: int, sm
     pv = pp.double() @ a_v.double() + c_v.double() * pp.double().sum(-1, keepdim=True)
     out = (torch.tensor(p_scale, dtype=torch.float32) * s_v) * pv.float()
     return out.transpose(1, 2).contiguous()
+
+
+def check_qkv(name: str, q, k, v, dtypes: tuple, dtype_rule: str) -> tuple[int, int, int, int]:
+    """The input checks the attention ops share: q, k, v 4-D tensors [B, H, N, D] of one
+    shape, one dtype among ``dtypes`` (``dtype_rule`` says which in the error) and one
+    device, D one of 16, 32, 64, 128. Raises ValueError naming ``name``; returns the shape."""
+    for t, label in ((q, "q"), (k, "k"), (v, "v")):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}: {label} must be a 4-D tensor [B, H, N, D], got {shape}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"{name}: q, k and v must have the same shape [B, H, N, D], got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in dtypes:
+        raise ValueError(f"{name}: q, k and v must {dtype_rule}, got {q.dtype}, {k.dtype} and {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{name}: q, k and v must be on one device, got {q.device}, {k.device} and {v.device}")
+    if q.shape[3] not in (16, 32, 64, 128):
+        raise ValueError(f"{name}: head dim D must be 16, 32, 64 or 128, got {q.shape[3]} (shape {tuple(q.shape)})")
+    return tuple(q.shape)
+
+
+def quant_attention(q, k, v, s_q, z_q, s_k, z_k, s_v, z_v, a_bits: int, sm_scale: float, p_scale, p_steps: int,
+                    p_bits: int, *, backend=None, **options) -> torch.Tensor:
+    """The contract above, checked: ``q``, ``k``, ``v`` [B, H, N, D] of one float dtype (fp16,
+    bf16 or fp32), D a power of two from 16 to 128; ``s_q``, ``z_q``, ``s_k``, ``z_k``: one
+    value per head ([H]); ``s_v``, ``z_v``, ``p_scale``: floats or 1-element tensors;
+    ``a_bits`` 2..8; ``sm_scale`` > 0; ``p_steps`` 1 (log2) or 2 (log-sqrt2); ``p_bits``
+    2..8. Returns [B, N, H, D] (float32 from ``torch``, q's dtype from the kernels).
+    ``backend``: None (the tensors' preferred one) or a backend name; ``options`` go to it."""
+    name = "quant_attention"
+    _, heads, _, _ = check_qkv(name, q, k, v, (torch.float16, torch.bfloat16, torch.float32),
+                               "share one dtype among float16, bfloat16 and float32")
+    if not 2 <= a_bits <= 8:
+        raise ValueError(f"{name}: a_bits must be 2..8, got {a_bits}")
+    if p_steps not in (1, 2):
+        raise ValueError(f"{name}: p_steps must be 1 (log2) or 2 (log-sqrt2), got {p_steps}")
+    if not 2 <= p_bits <= 8:
+        raise ValueError(f"{name}: p_bits must be 2..8, got {p_bits}")
+    if not (math.isfinite(sm_scale) and sm_scale > 0):
+        raise ValueError(f"{name}: sm_scale must be positive and finite, got {sm_scale}")
+    per_head = []
+    for t, label in ((s_q, "s_q"), (z_q, "z_q"), (s_k, "s_k"), (z_k, "z_k")):
+        t = torch.as_tensor(t)
+        if t.numel() != heads or t.dim() > 1:
+            raise ValueError(f"{name}: {label} must hold one value per head, shape [{heads}], got {tuple(t.shape)}")
+        per_head.append(t.to(device=q.device, dtype=torch.float32).contiguous())
+    scalars = []
+    for x, label in ((s_v, "s_v"), (z_v, "z_v"), (p_scale, "p_scale")):
+        t = torch.as_tensor(x, dtype=torch.float32)
+        if t.numel() != 1:
+            raise ValueError(f"{name}: {label} must be a scalar (a float or a 1-element tensor), "
+                             f"got shape {tuple(t.shape)}")
+        scalars.append(float(t))
+    s_v, z_v, p_scale = scalars
+    return QUANT_ATTENTION(q, k, v, *per_head, s_v, z_v, a_bits, float(sm_scale), p_scale, p_steps, p_bits,
+                           backend=backend, **options)
+
+
+def _lib_quant_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s_q: torch.Tensor, z_q: torch.Tensor,
+                         s_k: torch.Tensor, z_k: torch.Tensor, s_v: float, z_v: float, a_bits: int, sm_scale: float,
+                         p_scale: float, p_steps: int, p_bits: int) -> torch.Tensor:
+    return QUANT_ATTENTION(q, k, v, s_q, z_q, s_k, z_k, s_v, z_v, a_bits, sm_scale, p_scale, p_steps, p_bits).float()
+
+
+def _fake_quant_attention(q, k, v, s_q, z_q, s_k, z_k, s_v, z_v, a_bits, sm_scale, p_scale, p_steps, p_bits):
+    b, h, n, d = q.shape
+    return q.new_empty((b, n, h, d), dtype=torch.float32)
+
+
+# Output: float32 from the twin, q's dtype from the GPU kernels (the deployed module casts
+# to its input's dtype either way); the library op returns float32.
+QUANT_ATTENTION = declare("quant_attention", torch_quant_attention, _fake_quant_attention, _lib_quant_attention)

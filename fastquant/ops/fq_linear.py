@@ -38,12 +38,12 @@ kept elements, in one term per element (autograd sums two large terms that cance
 rounding gives alpha no gradient (None, as autograd through ``alpha >= 0`` does);
 ``s_w``, ``z_x``, ``z_w``, ``w_floor`` and ``keep`` get none.
 
-Backends: :func:`torch_fq_linear` (autograd through plain ops: the oracle);
-``torch_fq_linear_forward`` / ``torch_fq_linear_backward`` (the same formulas written out:
-the CPU implementation of the ops); the Triton kernels (CUDA). The ops
-``fastquant::fq_linear_fwd`` and ``fastquant::fq_linear_bwd`` are declared with
-torch.library (fake implementations for torch.compile), :class:`FqLinearFunction` ties
-them together for autograd and :func:`fq_linear` is the public function.
+:func:`torch_fq_linear` (autograd through plain ops) is the oracle. The ops
+``fq_linear_fwd`` and ``fq_linear_bwd`` (``fastquant.ops.op``; torch.library fakes for
+torch.compile) have the backends ``torch`` (``torch_fq_linear_forward`` /
+``torch_fq_linear_backward``: the same formulas written out) and ``triton`` (CUDA);
+:class:`FqLinearFunction` ties them together for autograd and :func:`fq_linear` is the
+public function.
 
 The Triton kernels take the products on fp16 tensor cores with fp32 accumulation: exact
 for hard-rounded codes (integers up to 2^11 are fp16 values; every partial sum is exact
@@ -54,34 +54,27 @@ products scale ``dy`` by a power of two per tensor before rounding it to fp16, s
 gradients far below fp16's normal range keep 11 significant bits (exactly undone in the
 epilogue); the bounds are derived in tests/test_kernels_fq_linear.py.
 
-:func:`fused_recon_linear` is the seam ``QuantLinear._grid_forward`` calls on CUDA
-tensors: it runs a layer through the fused op when its quantizers are the recon
-wrappers (``ActQuant`` with a per-tensor learnable step, ``AdaRoundWeight``), Triton is
-available and :data:`FUSED_RECON` is on (``FASTQUANT_FUSED_RECON=0`` turns it off at
-import, for comparisons), and returns None otherwise (the caller's reference path).
+:func:`fused_recon_linear` is the seam ``QuantLinear`` calls on CUDA tensors during
+reconstruction: it runs a layer through the fused op when its quantizers are the recon
+wrappers (``ActQuant`` with a per-tensor learnable step, ``AdaRoundWeight``), a fused
+backend is registered for CUDA and ``fastquant.settings.fused_recon()`` is on
+(``FASTQUANT_FUSED_RECON=0`` turns it off, for comparisons), and returns None otherwise
+(the caller's reference path).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
-from fastquant import backends
-
+from .. import settings
+from ..quant.functional import GAMMA, ZETA
+from ..quant.learnable import MIN_SCALE, ActQuant, AdaRoundWeight, keep_mask
 from .grid import grid_linear
+from .op import declare
 
-__all__ = ["FUSED_RECON", "FqLinearFunction", "fq_linear", "fq_grids", "fused_recon_linear", "recon_operands",
-           "torch_fq_linear", "torch_fq_linear_backward", "torch_fq_linear_forward"]
-
-# AdaRound's rectified sigmoid, h = sigmoid(V) * (ZETA - GAMMA) + GAMMA clamped to [0, 1]
-# (the same constants as fastquant.recon.learnable, which this layer below recon cannot import).
-ZETA, GAMMA = 1.1, -0.1
-
-FUSED_RECON = os.environ.get("FASTQUANT_FUSED_RECON", "1").strip() != "0"
-"""Whether reconstruction may use the fused ops, this linear one (:func:`fused_recon_linear`)
-and the attention (``fastquant.ops.fq_attention``); set it to False to force the reference
-path (``FASTQUANT_FUSED_RECON=0`` sets it at import)."""
+__all__ = ["FQ_LINEAR_FWD", "FQ_LINEAR_BWD", "FqLinearFunction", "fq_linear", "fq_grids", "fused_recon_linear",
+           "recon_operands", "torch_fq_linear", "torch_fq_linear_backward", "torch_fq_linear_forward"]
 
 
 # -- the PyTorch twin ------------------------------------------------------------------------
@@ -172,44 +165,35 @@ def torch_fq_linear_backward(dy, x, s_x, z_x, qmax_x: int, keep, alpha, w_floor,
 
 
 # -- the ops ----------------------------------------------------------------------------------
-@torch.library.custom_op("fastquant::fq_linear_fwd", mutates_args=())
-def _fwd_op(x: torch.Tensor, s_x: torch.Tensor, z_x: torch.Tensor, qmax_x: int, keep: Optional[torch.Tensor],
-            alpha: torch.Tensor, w_floor: torch.Tensor, s_w: torch.Tensor, z_w: torch.Tensor, qmax_w: int,
-            bias: Optional[torch.Tensor], soft: bool) -> torch.Tensor:
-    return torch_fq_linear_forward(x, s_x, z_x, qmax_x, keep, alpha, w_floor, s_w, z_w, qmax_w, bias, soft)
+def _lib_fwd(x: torch.Tensor, s_x: torch.Tensor, z_x: torch.Tensor, qmax_x: int, keep: Optional[torch.Tensor],
+             alpha: torch.Tensor, w_floor: torch.Tensor, s_w: torch.Tensor, z_w: torch.Tensor, qmax_w: int,
+             bias: Optional[torch.Tensor], soft: bool) -> torch.Tensor:
+    return FQ_LINEAR_FWD(x, s_x, z_x, qmax_x, keep, alpha, w_floor, s_w, z_w, qmax_w, bias, soft)
 
 
-@_fwd_op.register_fake
-def _(x, s_x, z_x, qmax_x, keep, alpha, w_floor, s_w, z_w, qmax_w, bias, soft):
+def _fake_fwd(x, s_x, z_x, qmax_x, keep, alpha, w_floor, s_w, z_w, qmax_w, bias, soft):
     return x.new_empty((x.shape[0], alpha.shape[0]))
 
 
-@_fwd_op.register_kernel("cuda")
-def _(x, s_x, z_x, qmax_x, keep, alpha, w_floor, s_w, z_w, qmax_w, bias, soft):
-    if not backends.TRITON_AVAILABLE:
-        return torch_fq_linear_forward(x, s_x, z_x, qmax_x, keep, alpha, w_floor, s_w, z_w, qmax_w, bias, soft)
-    from fastquant.kernels.fq_linear import triton_fq_linear_forward
-
-    return triton_fq_linear_forward(x, s_x, z_x, qmax_x, keep, alpha, w_floor, s_w, z_w, qmax_w, bias, soft)
+FQ_LINEAR_FWD = declare("fq_linear_fwd", torch_fq_linear_forward, _fake_fwd, _lib_fwd)
 
 
 def _empty_for_none(grads, x):
     return tuple(x.new_empty(0) if g is None else g for g in grads)
 
 
-@torch.library.custom_op("fastquant::fq_linear_bwd", mutates_args=())
-def _bwd_op(dy: torch.Tensor, x: torch.Tensor, s_x: torch.Tensor, z_x: torch.Tensor, qmax_x: int,
-            keep: Optional[torch.Tensor], alpha: torch.Tensor, w_floor: torch.Tensor, s_w: torch.Tensor,
-            z_w: torch.Tensor, qmax_w: int, soft: bool, need_dx: bool, need_ds: bool, need_dalpha: bool,
-            need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _lib_bwd(dy: torch.Tensor, x: torch.Tensor, s_x: torch.Tensor, z_x: torch.Tensor, qmax_x: int,
+             keep: Optional[torch.Tensor], alpha: torch.Tensor, w_floor: torch.Tensor, s_w: torch.Tensor,
+             z_w: torch.Tensor, qmax_w: int, soft: bool, need_dx: bool, need_ds: bool, need_dalpha: bool,
+             need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, ds_x, dalpha, db); a gradient not asked for is an empty tensor."""
-    grads = torch_fq_linear_backward(dy, x, s_x, z_x, qmax_x, keep, alpha, w_floor, s_w, z_w, qmax_w, soft,
-                                     need_dx, need_ds, need_dalpha, need_db)
+    grads = FQ_LINEAR_BWD(dy, x, s_x, z_x, qmax_x, keep, alpha, w_floor, s_w, z_w, qmax_w, soft,
+                          need_dx, need_ds, need_dalpha, need_db)
     return _empty_for_none(grads, x)
 
 
-@_bwd_op.register_fake
-def _(dy, x, s_x, z_x, qmax_x, keep, alpha, w_floor, s_w, z_w, qmax_w, soft, need_dx, need_ds, need_dalpha, need_db):
+def _fake_bwd(dy, x, s_x, z_x, qmax_x, keep, alpha, w_floor, s_w, z_w, qmax_w, soft, need_dx, need_ds, need_dalpha,
+              need_db):
     empty = x.new_empty(0)
     return (x.new_empty(x.shape) if need_dx else empty,
             s_x.new_empty(s_x.shape) if need_ds else empty,
@@ -217,44 +201,17 @@ def _(dy, x, s_x, z_x, qmax_x, keep, alpha, w_floor, s_w, z_w, qmax_w, soft, nee
             x.new_empty((alpha.shape[0],)) if need_db else empty)
 
 
-@_bwd_op.register_kernel("cuda")
-def _(dy, x, s_x, z_x, qmax_x, keep, alpha, w_floor, s_w, z_w, qmax_w, soft, need_dx, need_ds, need_dalpha, need_db):
-    if backends.TRITON_AVAILABLE:
-        from fastquant.kernels.fq_linear import triton_fq_linear_backward as impl
-    else:
-        impl = torch_fq_linear_backward
-    grads = impl(dy, x, s_x, z_x, qmax_x, keep, alpha, w_floor, s_w, z_w, qmax_w, soft,
-                 need_dx, need_ds, need_dalpha, need_db)
-    return _empty_for_none(grads, x)
-
-
-def _implementations(backend: str):
-    """(forward, backward) for a backend: ``auto`` (the ops: Triton on CUDA tensors,
-    PyTorch elsewhere), ``torch``, or ``triton`` (also on CPU tensors under the interpreter)."""
-    if backend == "auto":
-        def bwd(*args):
-            soft, needs = args[11], args[12:]
-            grads = torch.ops.fastquant.fq_linear_bwd(*args)
-            return tuple(g if need else None for g, need in zip(grads, (needs[0], needs[1], needs[2] and soft, needs[3])))
-        return torch.ops.fastquant.fq_linear_fwd, bwd
-    if backend == "torch":
-        return torch_fq_linear_forward, torch_fq_linear_backward
-    if backend == "triton":
-        from fastquant.kernels.fq_linear import triton_fq_linear_backward, triton_fq_linear_forward
-
-        return triton_fq_linear_forward, triton_fq_linear_backward
-    raise ValueError(f"fq_linear: unknown backend {backend!r} (choose from auto, torch, triton)")
+FQ_LINEAR_BWD = declare("fq_linear_bwd", torch_fq_linear_backward, _fake_bwd, _lib_bwd)
 
 
 class FqLinearFunction(torch.autograd.Function):
-    """Autograd of the contract: forward and backward through one backend's
-    implementations. Saves only the inputs (x, keep and the rounding state); the grids
-    are recomputed in the backward."""
+    """Autograd of the contract: forward and backward through one backend (None: the
+    tensors' preferred one). Saves only the inputs (x, keep and the rounding state); the
+    grids are recomputed in the backward."""
 
     @staticmethod
     def forward(ctx, x, s_x, z_x, qmax_x, keep, alpha, w_floor, s_w, z_w, qmax_w, bias, soft, backend):
-        fwd, _ = _implementations(backend)
-        y = fwd(x, s_x, z_x, qmax_x, keep, alpha, w_floor, s_w, z_w, qmax_w, bias, soft)
+        y = FQ_LINEAR_FWD(x, s_x, z_x, qmax_x, keep, alpha, w_floor, s_w, z_w, qmax_w, bias, soft, backend=backend)
         ctx.save_for_backward(x, s_x, z_x, keep, alpha, w_floor, s_w, z_w)
         ctx.meta = (qmax_x, qmax_w, soft, backend)
         return y
@@ -267,9 +224,8 @@ class FqLinearFunction(torch.autograd.Function):
         need_dx, need_ds, need_dalpha, need_db = need[0], need[1], need[5] and soft, need[10]
         if not (need_dx or need_ds or need_dalpha or need_db):
             return (None,) * 13
-        _, bwd = _implementations(backend)
-        dx, ds, dalpha, db = bwd(dy.contiguous(), x, s_x, z_x, qmax_x, keep, alpha, w_floor, s_w, z_w, qmax_w,
-                                 soft, need_dx, need_ds, need_dalpha, need_db)
+        dx, ds, dalpha, db = FQ_LINEAR_BWD(dy.contiguous(), x, s_x, z_x, qmax_x, keep, alpha, w_floor, s_w, z_w,
+                                           qmax_w, soft, need_dx, need_ds, need_dalpha, need_db, backend=backend)
         return dx, ds, None, None, None, dalpha, None, None, None, None, db, None, None
 
 
@@ -298,10 +254,10 @@ def _check(x, s_x, z_x, qmax_x, keep, alpha, w_floor, s_w, z_w, qmax_w, bias):
 
 
 def fq_linear(x, s_x, z_x, qmax_x: int, keep, alpha, w_floor, s_w, z_w, qmax_w: int, bias=None, soft: bool = True,
-              *, backend: str = "auto") -> torch.Tensor:
+              *, backend: Optional[str] = None) -> torch.Tensor:
     """y [M, N] of the module docstring's contract, differentiable in x, s_x, alpha (soft
-    rounding) and bias. ``backend``: ``auto`` (Triton kernels for CUDA tensors when Triton
-    is available, the PyTorch implementation otherwise), ``torch`` or ``triton``."""
+    rounding) and bias. ``backend``: None (the tensors' preferred backend: ``triton`` for
+    CUDA tensors when Triton is there, else ``torch``) or a backend name."""
     _check(x, s_x, z_x, qmax_x, keep, alpha, w_floor, s_w, z_w, qmax_w, bias)
     return FqLinearFunction.apply(x, s_x, z_x, qmax_x, keep, alpha, w_floor, s_w, z_w, qmax_w, bias, soft, backend)
 
@@ -309,19 +265,17 @@ def fq_linear(x, s_x, z_x, qmax_x: int, keep, alpha, w_floor, s_w, z_w, qmax_w: 
 # -- the seam in QuantLinear -------------------------------------------------------------------
 def recon_operands(layer, x: torch.Tensor) -> Optional[tuple]:
     """The arguments of :func:`fq_linear` for ``layer(x)`` (x flattened to [M, K]), or None
-    unless the layer's quantizers are reconstruction's wrappers in the supported kinds
-    (``ActQuant`` with a per-tensor learnable step, ``AdaRoundWeight``; both quantizing, 2-8
-    bits). Draws the QDrop mask from the wrapper's generator, as ``ActQuant.grid`` does."""
-    from fastquant.recon.learnable import MIN_SCALE, ActQuant, AdaRoundWeight, keep_mask
-
+    unless the layer's quantizers are reconstruction's wrappers in the supported kinds (an
+    ``ActQuant`` with one learnable step on a uniform grid, an ``AdaRoundWeight``; both
+    quantizing, 2-8 bits). Draws the QDrop mask from the wrapper's generator, as
+    ``ActQuant.grid`` does."""
     act, wq = layer.input_quant, layer.weight_quant
     if not (isinstance(act, ActQuant) and isinstance(wq, AdaRoundWeight)):
         return None
+    if not (act.quantizing and wq.quantizing and act.kind == "uniform" and act.scale is not None
+            and act.scale.numel() == 1):
+        return None
     qa, qw = act.quantizer, wq.quantizer
-    if qa.mode != "quant" or act.float_act or act.scale is None or act.scale.numel() != 1:
-        return None
-    if qw.mode != "quant" or wq.float_weight or not 2 <= qa.bits <= 8 or not 2 <= qw.bits <= 8:
-        return None
     x2 = x.reshape(-1, x.shape[-1])
     keep = keep_mask(x2, act.drop_p, act.generator, dtype=torch.bool) if act.drop_p > 0 else None
     return (x2, act.scale.clamp_min(MIN_SCALE), qa.zero_point, qa.qmax, keep, wq.alpha, wq.w_floor, qw.scale,
@@ -329,9 +283,12 @@ def recon_operands(layer, x: torch.Tensor) -> Optional[tuple]:
 
 
 def fused_recon_linear(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """``layer(x)`` through the fused op when it applies (float32 CUDA tensors, Triton
-    available, :data:`FUSED_RECON` on, :func:`recon_operands` not None), else None."""
-    if not (FUSED_RECON and backends.TRITON_AVAILABLE and x.is_cuda and x.dtype == torch.float32):
+    """``layer(x)`` through the fused op when it applies (float32 CUDA tensors, a fused
+    backend registered for CUDA, ``fastquant.settings.fused_recon()`` on,
+    :func:`recon_operands` not None), else None."""
+    if not (settings.fused_recon() and x.is_cuda and x.dtype == torch.float32):
+        return None
+    if FQ_LINEAR_FWD.resolve("cuda") == "torch":
         return None
     args = recon_operands(layer, x)
     if args is None:

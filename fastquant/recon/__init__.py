@@ -1,6 +1,8 @@
 """Reconstruction: learn weight rounding and activation steps unit by unit.
 
-A method is a configuration of one engine (:func:`reconstruct`):
+A method is a registered record (``registry.ReconMethod``: defaults, options, schedule,
+stages, a hook before each unit, the calibration it starts from), one file each in
+``methods/``; one engine (:func:`reconstruct`) runs them all:
 
 - ``brecq``: block units, AdaRound + LSQ, no QDrop;
 - ``qdrop``: block units with QDrop (p = 0.5);
@@ -8,21 +10,28 @@ A method is a configuration of one engine (:func:`reconstruct`):
   blocks, ...), each level starting from the previous one's state, with the progressive
   optimisation strategy (``pos``);
 - ``mgrq``: block units with QDrop plus MGRQ's global (logit KL) and local (per-layer
-  distribution) terms.
+  distribution) loss terms.
 
 Neither PFCR's nor MGRQ's code is public: these are fastquant's reconstructions of the
-papers' descriptions, every open choice a documented field of :class:`ReconConfig`.
+papers' descriptions, every open choice a documented setting. ``register_method`` adds one
+of your own.
 """
-from .config import METHOD_DEFAULTS, RECON_METHODS, ReconConfig
-from .engine import ReconRecord, UnitRecord, float_copy, hard_codes, reconstruct, run_method, schedule_for
-from .learnable import ActQuant, AdaRoundWeight, LearnableState
+from . import methods  # noqa: F401  (register the methods fastquant ships)
+from ..adapters import Unit, embed, find_vit, run_head, run_rest, run_span, run_unit, unit_by_name
+from ..quant import ActQuant, AdaRoundWeight
+from .config import ReconConfig, auto_lr_round
+from .engine import ReconRecord, UnitContext, UnitRecord, float_copy, hard_codes, reconstruct, run_method, schedule_for
+from .learnable import LearnableState
+from .losses import TERMS, StepBatch, Term, TermSpec, register_term
+from .methods.pfcr import pfcr_levels
 from .plot import plot_losses
-from .units import (Unit, block_units, embed, find_vit, pfcr_levels, run_head, run_rest, run_span, run_unit,
-                    schedule_from_names, unit_by_name)
+from .registry import Option, ReconMethod, Stage, get_method, methods, register_method, register_option
+from .schedules import block_units, normalize_schedule, schedule_from_names
 
 __all__ = [
-    "RECON_METHODS", "METHOD_DEFAULTS", "ReconConfig", "ReconRecord", "UnitRecord", "reconstruct", "run_method",
-    "schedule_for", "float_copy", "hard_codes", "ActQuant", "AdaRoundWeight", "LearnableState", "plot_losses", "Unit",
-    "block_units", "pfcr_levels", "schedule_from_names", "unit_by_name", "find_vit", "embed", "run_span",
-    "run_unit", "run_rest", "run_head",
+    "ReconConfig", "auto_lr_round", "ReconRecord", "UnitContext", "UnitRecord", "float_copy", "hard_codes",
+    "reconstruct", "run_method", "schedule_for", "LearnableState", "ActQuant", "AdaRoundWeight", "TERMS", "StepBatch",
+    "Term", "TermSpec", "register_term", "pfcr_levels", "plot_losses", "Option", "ReconMethod", "Stage", "get_method",
+    "methods", "register_method", "register_option", "block_units", "normalize_schedule", "schedule_from_names",
+    "Unit", "embed", "find_vit", "run_head", "run_rest", "run_span", "run_unit", "unit_by_name",
 ]

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..adapters import find_vit
 from ..errors import FastquantError
+from ..record import record_of
 
 FORMAT = "fastquant-recon-state-v1"
 STATE_FILE = "recon_state.pt"
@@ -36,10 +38,9 @@ def tensor_digest(tensors) -> str:
 
 def fingerprint(model: nn.Module, fp_model: nn.Module, cfg, schedule: list, images: torch.Tensor) -> dict:
     """What a resumed run must share with the run that saved the state."""
-    from .units import find_vit
-
-    spec = getattr(model, "fastquant_spec", None)
-    qcfg = getattr(model, "fastquant_config", None)
+    record = record_of(model)
+    spec = getattr(record, "spec", None)
+    qcfg = getattr(record, "config", None)
     vit = find_vit(model)
     return {
         "model": spec.to_json() if spec is not None else type(model).__name__,

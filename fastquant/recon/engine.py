@@ -3,24 +3,24 @@
     qmodel = fastquant.quantize(model, calib, fastquant.QuantConfig(w_bits=4, a_bits=4))
     record = fastquant.recon.run_method(model, qmodel, calib, "pfcr", ReconConfig(iters=500))
 
-For every unit of every level, in order, :func:`reconstruct`
+A method is a registered record (``fastquant.recon.registry``); the engine runs any of them
+the same way. For every unit of every level of the method's schedule, in order,
+:func:`reconstruct`
 
 1. captures the unit's input from the quantized prefix (the quantized model up to the
    unit, earlier units already reconstructed, in hard rounding) and from the float
    prefix, and the float model's output of the unit (the target);
-2. trains the unit's learnable state (AdaRound rounding of every QuantLinear weight,
-   LSQ steps of its activation quantizers; see ``learnable``) with Adam on random
-   batches: the unit's input is the quantized input with each element replaced by the
-   float one with probability ``qdrop_p`` (and QDrop inside the unit likewise); the loss
-   is ``w_rec * MSE(unit output, target)`` plus, if weighted, MGRQ's global term (KL
-   divergence from the float model's logits to the logits of the unit's output run
-   through the rest of the model) and local term (per-layer output distributions
-   against the float layers), each divided by its value at the first step, plus the
-   AdaRound regulariser;
+2. lets the method prepare the unit (``before_unit``: PFCR relaxes the rounding that
+   earlier levels decided), then trains the unit's learnable state (AdaRound rounding of
+   every QuantLinear weight, LSQ steps of its activation quantizers; see
+   ``fastquant.quant.learnable``) with Adam on random batches, stage by stage (the method's
+   ``stages``: which operands pass in float during each): the unit's input is the
+   quantized input with each element replaced by the float one with probability
+   ``qdrop_p`` (and QDrop inside the unit likewise); the loss is the sum of the loss terms
+   with a nonzero weight (``fastquant.recon.losses``), each divided by its value at the
+   first step of the stage, plus the AdaRound regulariser;
 3. moves on with the unit in hard rounding. A later level starts from the rounding and
-   step sizes the earlier levels learned (``carry``). With PFCR's progressive
-   optimisation strategy (``pos``), a unit's first steps keep its activations (or, with
-   ``pos_mode="acts_first"``, its weights) in float.
+   step sizes the earlier levels learned.
 
 At the end (or when interrupted) the hard rounding is written into the weights and the
 learned steps into the quantizers, so the model is again a plain fake-quant model whose
@@ -38,21 +38,24 @@ import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ..adapters import Unit, embed, find_vit, run_span, unit_modules
 from ..errors import FastquantError
-from ..modules import QuantLinear
-from ..ptq import quantizers_of, set_mode
+from ..nn import QuantLinear
+from ..quant import AdaRoundWeight, beta_at, quantizers_in, set_mode
+from ..record import record_of
+from ..validate import check_images
 from .checkpoint import Checkpoint, fingerprint
 from .config import GRID_MAX_BITS, ReconConfig, grid_dtype
-from .learnable import AdaRoundWeight, LearnableState, beta_at
-from .units import (Unit, block_units, embed, find_vit, half_modules, normalize_schedule, pfcr_levels, rest_modules,
-                    run_rest, run_span, unit_modules)
+from .learnable import LearnableState
+from .losses import TERMS, StepBatch
+from .registry import get_method
+from .schedules import normalize_schedule
 
 
 @dataclass
@@ -100,38 +103,22 @@ def _unit_seed(seed: int, level: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _check_images(images) -> torch.Tensor:
-    if not isinstance(images, torch.Tensor):
-        raise FastquantError(f"calibration images must be a tensor [N, C, H, W], got {type(images).__name__}")
-    if images.dim() != 4 or len(images) == 0:
-        raise FastquantError(f"calibration images must be a non-empty [N, C, H, W] tensor, "
-                             f"got shape {tuple(images.shape)}")
-    if not torch.is_floating_point(images):
-        raise FastquantError(f"calibration images must be floating point, got {images.dtype}")
-    if not torch.isfinite(images).all():
-        raise FastquantError("calibration data contains NaN or Inf")
-    return images
-
-
 def _bias_corrected(model: nn.Module) -> bool:
-    qcfg = getattr(model, "fastquant_config", None)
-    if qcfg is None or not hasattr(qcfg, "bias_correct"):
-        return False
-    return bool(qcfg.resolved("bias_correct"))
+    record = record_of(model)
+    resolve = getattr(getattr(record, "config", None), "resolved", None)
+    return bool(resolve("bias_correct")) if callable(resolve) else False
 
 
 def float_copy(model: nn.Module) -> nn.Module:
     """A copy of a fake-quant model with every quantizer off: its float reference."""
     fp = copy.deepcopy(model)
-    set_mode(quantizers_of(fp), "off")
+    set_mode(quantizers_in(fp), "off")
     return fp.eval()
 
 
 def schedule_for(model: nn.Module, cfg: ReconConfig) -> list[list[Unit]]:
     """The levels of units that ``cfg``'s method reconstructs."""
-    if cfg.resolved("schedule") == "pfcr":
-        return pfcr_levels(model, cfg.merge, cfg.stop_at)
-    return [block_units(model)]
+    return get_method(cfg.method).schedule(model, cfg)
 
 
 def _grid_bits_ok(layer: QuantLinear) -> bool:
@@ -144,10 +131,51 @@ def _grid_bits_ok(layer: QuantLinear) -> bool:
 
 class _Stream:
     """Tokens at one position of the residual stream for all calibration images, from the
-    quantized model (``q``) and the float model (``fp``), on the storage device."""
+    quantized model (``q``) and the float model (``fp``), on the storage device; ``at``:
+    the half they are at."""
 
     def __init__(self, level: int, q: torch.Tensor, fp: torch.Tensor):
-        self.level, self.pos, self.q, self.fp = level, 0, q, fp
+        self.level, self.at, self.q, self.fp = level, 0, q, fp
+
+
+@dataclass
+class UnitContext:
+    """What a method's ``before_unit`` and the loss terms see of the unit being trained."""
+
+    engine: "_Engine"
+    unit: Unit
+    level: int
+    index: int
+    cfg: ReconConfig
+    layers: list  # the unit's QuantLinear layers with learnable rounding
+    trained_halves: set  # halves of this unit an earlier unit already reconstructed
+
+    @property
+    def model(self) -> nn.Module:
+        return self.engine.model
+
+    @property
+    def fp(self) -> nn.Module:
+        return self.engine.fp
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
+    def names(self) -> dict:
+        return self.engine.names
+
+    @property
+    def fp_modules(self) -> dict:
+        return self.engine.fp_modules
+
+    @property
+    def state(self) -> LearnableState:
+        return self.engine.state
+
+    def float_logits(self) -> torch.Tensor:
+        return self.engine.float_logits()
 
 
 class _Engine:
@@ -156,6 +184,7 @@ class _Engine:
 
     def __init__(self, model, fp, levels, images, cfg, progress):
         self.model, self.fp, self.images, self.cfg = model, fp, images, cfg
+        self.method = get_method(cfg.method)
         self.progress = progress
         self.device = next(model.parameters()).device
         self.storage = None  # decided on the first capture
@@ -175,7 +204,7 @@ class _Engine:
         """Training steps compute the blocks' linear layers on integer grids (see
         ``ReconConfig.matmul_dtype``); everything else in fp32."""
         for m in self.grid_linears:
-            m.grid_dtype = self.grid_dtype if on else None
+            m.set_grid_dtype(self.grid_dtype if on else None)
 
     @torch.no_grad()
     def check_float_weights(self):
@@ -216,11 +245,11 @@ class _Engine:
         return _Stream(level, q, fp)
 
     @torch.no_grad()
-    def advance(self, s: _Stream, pos: int):
-        if s.pos < pos:
-            s.q = self._map(lambda x: run_span(self.model, x, s.pos, pos), s.q)
-            s.fp = self._map(lambda x: run_span(self.fp, x, s.pos, pos), s.fp)
-            s.pos = pos
+    def advance(self, s: _Stream, at: int):
+        if s.at < at:
+            s.q = self._map(lambda x: run_span(self.model, x, s.at, at), s.q)
+            s.fp = self._map(lambda x: run_span(self.fp, x, s.at, at), s.fp)
+            s.at = at
 
     @torch.no_grad()
     def _hard_pass(self, unit: Unit, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -229,7 +258,7 @@ class _Engine:
         sq = sum(float((out[i:i + 1024] - target[i:i + 1024]).double().pow(2).sum()) for i in range(0, len(out), 1024))
         return out, sq / out.numel()
 
-    def _float_logits(self) -> torch.Tensor:
+    def float_logits(self) -> torch.Tensor:
         if self.fp_logits is None:
             with torch.no_grad():
                 self.fp_logits = self._map(self.fp, self.images)
@@ -238,24 +267,22 @@ class _Engine:
     # -- one unit ----------------------------------------------------------------------
     def train_unit(self, li: int, ui: int, unit: Unit, s: _Stream, trained: set, label: str) -> UnitRecord:
         """Reconstruct ``unit`` (unit ``ui`` of level ``li``) from the stream at its start,
-        then advance the stream past it. ``trained``: halves an earlier unit reconstructed
-        (their rounding is carried over, see ``ReconConfig.carry``)."""
-        cfg, model = self.cfg, self.model
+        then advance the stream past it. ``trained``: halves an earlier unit reconstructed."""
+        cfg, model, method = self.cfg, self.model, self.method
         t0 = time.time()
         weights, acts = self.state.of(unit_modules(model, unit))
         with torch.no_grad():
             target = self._map(lambda x: run_span(self.fp, x, unit.start, unit.end), s.fp)
         _, mse_before = self._hard_pass(unit, s.q, target)
-        if cfg.carry < 1:
-            for pos in sorted(trained & set(range(unit.start, unit.end))):
-                for layer, w in self.state.of(half_modules(model, pos))[0]:
-                    w.carry(layer.weight, cfg.carry)
+        ctx = UnitContext(self, unit, li, ui, cfg, [layer for layer, _ in weights],
+                          trained & set(range(unit.start, unit.end)))
+        if method.before_unit is not None:
+            method.before_unit(ctx)
 
         seed = _unit_seed(cfg.seed, li, ui)
         gen_batch = torch.Generator().manual_seed(seed)
         gen_drop = torch.Generator(device=self.device).manual_seed(seed)
         qdrop_p = cfg.resolved("qdrop_p")
-        w_rec, w_glob, w_loc = (cfg.resolved(k) for k in ("w_rec", "w_global", "w_local"))
         alphas = [w.alpha for _, w in weights]
         scales = [a.scale for a in acts if a.scale is not None]
         lrs = ((alphas, cfg.resolved("lr_round")), (scales, cfg.lr_act))
@@ -266,31 +293,20 @@ class _Engine:
         for p in alphas + scales:
             p.requires_grad_(True)
         self.state.mark_trained(unit_modules(model, unit))
-        for _, w in weights:
-            w.soft = True
-        for a in acts:
-            a.generator = gen_drop
-        split = int(cfg.pos_split * cfg.iters) if cfg.resolved("pos") else 0
-        acts_first = cfg.pos_mode == "acts_first"
-        round_from = split if acts_first else 0  # the step where the rounding starts training
-        local = _LocalTaps(self, unit, [layer for layer, _ in weights]) if w_loc > 0 else None
-        rest_quantizers = ([q for m in rest_modules(model, unit) for q in quantizers_of(m)]
-                           if w_glob > 0 and cfg.global_rest == "float" else [])
+        self.state.start_training(weights, acts, gen_drop)
+        stages, round_from = method.stages(cfg)
+        stage_at = {st.start: st for st in stages}  # a later stage at the same step replaces an earlier one
+        terms = [(spec.name, w, spec.make(ctx)) for spec in TERMS for w in [cfg.resolved(spec.weight)] if w > 0]
         n, bs = len(s.q), min(cfg.batch_size, len(s.q))
         history, norms, reg_last = [], {}, 0.0
         bar = tqdm(range(cfg.iters), desc=label, unit="it", disable=not self.progress, leave=False)
         self.set_grid(True)
         try:
             for it in bar:
-                stage = 0 if it < split else 1
-                if it == split:
-                    norms = {}  # each POS stage normalises its losses afresh
-                if it == split or it == 0:
-                    for _, w in weights:
-                        w.float_weight = stage == 0 and acts_first
-                    for a in acts:
-                        a.float_act = stage == 0 and not acts_first
-                        a.drop_p = 0.0 if a.float_act else qdrop_p
+                if it in stage_at:  # each stage normalises its losses afresh
+                    norms = {}
+                    st = stage_at[it]
+                    self.state.enter_stage(weights, acts, st.float_weights, st.float_acts, qdrop_p)
                 idx = torch.randperm(n, generator=gen_batch)[:bs]
                 x_q = s.q[idx.to(s.q.device)].to(self.device)
                 x_fp = s.fp[idx.to(s.fp.device)].to(self.device)
@@ -298,17 +314,12 @@ class _Engine:
                 if qdrop_p > 0:
                     keep_float = torch.rand(x_q.shape, generator=gen_drop, device=self.device) < qdrop_p
                     x_in = torch.where(keep_float, x_fp, x_q)
-                if local is not None:
-                    local.arm()
+                for _, _, term in terms:
+                    term.before_forward()
                 out = run_span(model, x_in, unit.start, unit.end)
-                terms = {}
-                if w_rec > 0:
-                    terms["rec"] = (w_rec, F.mse_loss(out, target[idx.to(target.device)].to(self.device)))
-                if w_glob > 0:
-                    terms["global"] = (w_glob, self._global_term(out, unit, idx, rest_quantizers))
-                if local is not None:
-                    terms["local"] = (w_loc, local.loss(x_fp))
-                fit = sum(wt * t / norms.setdefault(k, t.detach().clamp_min(1e-12)) for k, (wt, t) in terms.items())
+                batch = StepBatch(idx, x_fp, target[idx.to(target.device)].to(self.device))
+                values = {name: (w, term.value(out, batch)) for name, w, term in terms}
+                fit = sum(wt * t / norms.setdefault(k, t.detach().clamp_min(1e-12)) for k, (wt, t) in values.items())
                 loss = fit
                 beta = None
                 if it >= round_from:
@@ -326,89 +337,17 @@ class _Engine:
         finally:
             bar.close()
             self.set_grid(False)
-            if local is not None:
-                local.remove()
+            for _, _, term in terms:
+                term.close()
             for p in alphas + scales:
                 p.requires_grad_(False)
                 p.grad = None
-            for _, w in weights:
-                w.soft, w.float_weight = False, False
-            for a in acts:
-                a.float_act, a.drop_p, a.generator = False, 0.0, None
+            self.state.stop_training(weights, acts)
 
         s.q, mse_after = self._hard_pass(unit, s.q, target)
-        s.fp, s.pos = target, unit.end
+        s.fp, s.at = target, unit.end
         return UnitRecord(li, ui, unit.name, cfg.iters, history[0], history[-1], reg_last, mse_before, mse_after,
                           round(time.time() - t0, 3), history)
-
-    def _global_term(self, out: torch.Tensor, unit: Unit, idx: torch.Tensor, rest_quantizers: list) -> torch.Tensor:
-        """KL(float model's softmax || softmax of the unit's output through the rest)."""
-        fp_logits = self._float_logits()
-        if self.cfg.global_batch is not None:
-            out, idx = out[:self.cfg.global_batch], idx[:self.cfg.global_batch]
-        modes = [q.mode for q in rest_quantizers]
-        set_mode(rest_quantizers, "off")
-        try:
-            logits = run_rest(self.model, out, unit)
-        finally:
-            for q, m in zip(rest_quantizers, modes):
-                q.mode = m
-        ref = fp_logits[idx.to(fp_logits.device)].to(self.device)
-        return F.kl_div(F.log_softmax(logits, -1), F.log_softmax(ref, -1), log_target=True, reduction="batchmean")
-
-
-class _LocalTaps:
-    """MGRQ's local term: the output of every QuantLinear in the unit against the float
-    model's same layer, taken on the float input of the unit."""
-
-    def __init__(self, engine: _Engine, unit: Unit, layers: list[QuantLinear]):
-        self.engine, self.unit = engine, unit
-        self.mode = engine.cfg.local_loss
-        self.q_out: dict[int, torch.Tensor] = {}
-        self.fp_out: dict[int, torch.Tensor] = {}
-        self.armed = False
-        self.hooks = []
-        for i, layer in enumerate(layers):
-            fp_layer = engine.fp_modules.get(engine.names[layer])
-            if fp_layer is None:
-                raise FastquantError(f"the float model has no layer {engine.names[layer]} to compare with")
-            self.hooks.append(layer.register_forward_hook(self._tap(self.q_out, i, armed_only=True)))
-            self.hooks.append(fp_layer.register_forward_hook(self._tap(self.fp_out, i, armed_only=False)))
-
-    def _tap(self, store: dict, i: int, armed_only: bool):
-        def hook(mod, inp, out):
-            if self.armed or not armed_only:
-                store[i] = out
-        return hook
-
-    def arm(self):
-        self.q_out.clear()
-        self.armed = True
-
-    def loss(self, x_fp: torch.Tensor) -> torch.Tensor:
-        self.armed = False
-        self.fp_out.clear()
-        with torch.no_grad():
-            run_span(self.engine.fp, x_fp, self.unit.start, self.unit.end)
-        terms = []
-        for i, q in self.q_out.items():
-            f = self.fp_out[i]
-            if self.mode == "mse":
-                terms.append(F.mse_loss(q, f) / f.pow(2).mean().clamp_min(1e-12))
-            else:
-                q2, f2 = q.reshape(-1, q.shape[-1]), f.reshape(-1, f.shape[-1])
-                var_f = f2.var(0, unbiased=False)
-                d_mean = (q2.mean(0) - f2.mean(0)).pow(2).mean()
-                d_std = (q2.std(0, unbiased=False) - var_f.sqrt()).pow(2).mean()
-                terms.append((d_mean + d_std) / var_f.mean().clamp_min(1e-12))
-        if not terms:
-            raise FastquantError(f"unit {self.unit.name} has no quantized layers for the local loss")
-        return torch.stack(terms).mean()
-
-    def remove(self):
-        for h in self.hooks:
-            h.remove()
-        self.hooks = []
 
 
 def reconstruct(model: nn.Module, levels, calib_images: torch.Tensor, cfg: ReconConfig | None = None, *,
@@ -433,8 +372,9 @@ def reconstruct(model: nn.Module, levels, calib_images: torch.Tensor, cfg: Recon
         raise FastquantError(f"cfg must be a fastquant.recon.ReconConfig, got {type(cfg).__name__}")
     if max_units is not None and (isinstance(max_units, bool) or not isinstance(max_units, int) or max_units < 0):
         raise FastquantError(f"max_units must be a non-negative integer or None, got {max_units!r}")
+    cfg.check_options_apply()
     levels = normalize_schedule(model, levels)
-    images = _check_images(calib_images)
+    images = check_images(calib_images)
     if fp_model is None or fp_model is model:
         if _bias_corrected(model):
             raise FastquantError("the model's biases were corrected for quantization (QuantConfig.bias_correct), so "
@@ -484,7 +424,7 @@ def reconstruct(model: nn.Module, levels, calib_images: torch.Tensor, cfg: Recon
             if max_units is not None and ran >= max_units:
                 break
             li, ui, unit = flat[k]
-            if stream is None or stream.level != li or stream.pos > unit.start:
+            if stream is None or stream.level != li or stream.at > unit.start:
                 stream = engine.start_stream(li)
             engine.advance(stream, unit.start)
             label = f"L{li} {unit.name} ({k + 1}/{len(flat)})"
@@ -512,9 +452,10 @@ def reconstruct(model: nn.Module, levels, calib_images: torch.Tensor, cfg: Recon
 def run_method(model_fp: nn.Module, qmodel: nn.Module, calib_images: torch.Tensor, method: str,
                recon_cfg: ReconConfig | None = None, state_dir=None, resume: bool = False, progress: bool = True,
                **kwargs) -> ReconRecord:
-    """Reconstruct ``qmodel`` in place with ``method`` (brecq, qdrop, pfcr, mgrq): the
-    method's schedule and defaults applied to ``recon_cfg``, targets from ``model_fp``.
-    Other keyword arguments go to :func:`reconstruct`."""
+    """Reconstruct ``qmodel`` in place with ``method`` (a registered method: brecq, qdrop,
+    pfcr, mgrq, or one of yours): the method's schedule and defaults applied to
+    ``recon_cfg``, targets from ``model_fp``. Other keyword arguments go to
+    :func:`reconstruct`."""
     cfg = dataclasses.replace(recon_cfg or ReconConfig(method=method), method=method)
     return reconstruct(qmodel, schedule_for(qmodel, cfg), calib_images, cfg, fp_model=model_fp,
                        state_dir=state_dir, resume=resume, progress=progress, **kwargs)

@@ -1,26 +1,38 @@
-"""Units of reconstruction: named spans of a timm Vision Transformer's blocks.
+"""Everything fastquant knows about the structure of timm's Vision Transformers.
 
-The residual stream of a ViT after its embedding (patch embedding, position
-embedding, ``patch_drop``, ``norm_pre``) passes through ``2 * depth`` *halves*:
-half ``2i`` is block i's attention branch with its shortcut,
-``x + ls1(attn(norm1(x)))``, and half ``2i + 1`` its MLP branch with its shortcut,
-``x + ls2(mlp(norm2(x)))`` (``drop_path`` is the identity in eval mode). A unit
-covers the consecutive halves ``[start, end)``. Its name says which:
+Finding the parts of a model (the ``VisionTransformer`` inside a wrapper, its classifier,
+its patch-embedding convolutions, the LayerNorms whose outputs feed Linear layers), and
+running tokens through spans of its blocks.
 
-- ``attn3``, ``mlp3``: one half of block 3 (PFCR's finest units);
+The residual stream of a ViT after its embedding (patch embedding, position embedding,
+``patch_drop``, ``norm_pre``) passes through ``2 * depth`` *halves*: half ``2i`` is block
+i's attention branch with its shortcut, ``x + ls1(attn(norm1(x)))``, and half ``2i + 1`` its
+MLP branch with its shortcut, ``x + ls2(mlp(norm2(x)))`` (``drop_path`` is the identity in
+eval mode). A :class:`Unit` covers the consecutive halves ``[start, end)``. Its name says
+which:
+
+- ``attn3``, ``mlp3``: one half of block 3;
 - ``block3``: both halves of block 3;
 - ``blocks2-3``: blocks 2 to 3;
 - ``mlp0..attn1``: any other span, by its first and last half.
 
-A schedule is a list of levels, each a list of units reconstructed in order.
-Tokens are run through units with :func:`run_span`, and from any position through
-the rest of the model to the logits with :func:`run_rest`. Models are either a
-timm ``VisionTransformer`` or a wrapper holding one (``LinearProbe``).
+Tokens are run through halves with :func:`run_span`, and from any position through the
+rest of the model to the logits with :func:`run_rest`.
+
+A model is either a timm ``VisionTransformer`` or a wrapper holding one. A wrapper takes
+part through two methods (the protocol; ``fastquant.models.LinearProbe`` has both):
+
+- ``forward_head(tokens)``: logits from the final norm's output (timm's own name and
+  meaning for a ``VisionTransformer``);
+- ``reparam_groups()`` (optional): ``[(layernorm, linear, channel_map)]``, Linear layers
+  whose input is built from a LayerNorm's output by a per-channel map that tensor identity
+  cannot reveal (``channel_map[j]``: the LayerNorm channel behind input channel j).
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -29,6 +41,7 @@ from .._compat import import_timm
 from ..errors import FastquantError
 
 import_timm()
+from timm.layers import PatchEmbed  # noqa: E402
 from timm.models.vision_transformer import Block, VisionTransformer  # noqa: E402
 
 _HALF = re.compile(r"(attn|mlp)(\d+)$")
@@ -69,21 +82,24 @@ def splittable(block: nn.Module) -> bool:
     return type(block) is Block
 
 
-def _half_name(pos: int) -> str:
+def half_name(pos: int) -> str:
+    """``attnN`` or ``mlpN``: the name of half ``pos``."""
     return f"{'attn' if pos % 2 == 0 else 'mlp'}{pos // 2}"
 
 
 def unit_name(start: int, end: int) -> str:
     """The canonical name of halves ``[start, end)``."""
     if end - start == 1:
-        return _half_name(start)
+        return half_name(start)
     if start % 2 == 0 and end % 2 == 0:
         a, b = start // 2, end // 2 - 1
         return f"block{a}" if a == b else f"blocks{a}-{b}"
-    return f"{_half_name(start)}..{_half_name(end - 1)}"
+    return f"{half_name(start)}..{half_name(end - 1)}"
 
 
-def _check_span(model: nn.Module, start: int, end: int, name: str) -> Unit:
+def span_unit(model: nn.Module, start: int, end: int, name: str) -> Unit:
+    """The unit of halves [start, end) of ``model`` (FastquantError naming ``name`` when the
+    span does not exist or splits a block that has no halves)."""
     vit = find_vit(model)
     depth = len(vit.blocks)
     if not 0 <= start < end <= 2 * depth:
@@ -107,78 +123,20 @@ def unit_by_name(model: nn.Module, name: str) -> Unit:
         raise FastquantError(f"unit names must be strings, got {name!r}")
     half = _parse_half(name)
     if half is not None:
-        return _check_span(model, half, half + 1, name)
+        return span_unit(model, half, half + 1, name)
     if m := _BLOCK.match(name):
         i = int(m.group(1))
-        return _check_span(model, 2 * i, 2 * i + 2, name)
+        return span_unit(model, 2 * i, 2 * i + 2, name)
     if m := _BLOCKS.match(name):
         a, b = int(m.group(1)), int(m.group(2))
         if a > b:
             raise FastquantError(f"unknown unit {name!r}: blocks A-B needs A <= B")
-        return _check_span(model, 2 * a, 2 * b + 2, name)
+        return span_unit(model, 2 * a, 2 * b + 2, name)
     if ".." in name:
         first, last = (_parse_half(p) for p in name.split("..", 1))
         if first is not None and last is not None and first <= last:
-            return _check_span(model, first, last + 1, name)
+            return span_unit(model, first, last + 1, name)
     raise FastquantError(f"unknown unit {name!r} (expected attnN, mlpN, blockN, blocksA-B or a span like mlp0..attn1)")
-
-
-# -- schedules ---------------------------------------------------------------------------
-def block_units(model: nn.Module) -> list[Unit]:
-    """One unit per transformer block, in order (BRECQ, QDrop, MGRQ)."""
-    return [Unit(f"block{i}", 2 * i, 2 * i + 2) for i in range(depth_of(model))]
-
-
-def pfcr_levels(model: nn.Module, merge: int = 2, stop_at: int | None = None) -> list[list[Unit]]:
-    """PFCR's fine-to-coarse schedule.
-
-    Level 0 holds the attention and MLP units of every block, in order
-    (``attn0, mlp0, attn1, ...``); level k + 1 merges each ``merge`` neighbouring
-    units of level k (the last group may be smaller). With ``merge=2``: halves, then
-    blocks, then pairs of blocks, and so on. Levels are built until one unit covers
-    every block, or up to level ``stop_at`` (0: level 0 only) if that comes first.
-    """
-    if isinstance(merge, bool) or not isinstance(merge, int) or merge < 2:
-        raise FastquantError(f"the PFCR merge factor must be an integer of at least 2, got {merge!r}")
-    if stop_at is not None and (isinstance(stop_at, bool) or not isinstance(stop_at, int) or stop_at < 0):
-        raise FastquantError(f"the PFCR stopping level must be a non-negative integer or None, got {stop_at!r}")
-    vit = find_vit(model)
-    for i, blk in enumerate(vit.blocks):
-        if not splittable(blk):
-            raise FastquantError(f"PFCR needs blocks with attention and MLP halves; "
-                                 f"block {i} is a {type(blk).__name__}")
-    levels = [[Unit(_half_name(p), p, p + 1) for p in range(2 * len(vit.blocks))]]
-    while len(levels[-1]) > 1 and (stop_at is None or len(levels) <= stop_at):
-        prev = levels[-1]
-        groups = [prev[i:i + merge] for i in range(0, len(prev), merge)]
-        levels.append([Unit(unit_name(g[0].start, g[-1].end), g[0].start, g[-1].end) for g in groups])
-    return levels
-
-
-def schedule_from_names(model: nn.Module, levels) -> list[list[Unit]]:
-    """A schedule from unit names: ``[["attn0", "mlp0", ...], ["block0", ...]]``."""
-    if isinstance(levels, str) or not levels or any(isinstance(lv, str) or not lv for lv in levels):
-        raise FastquantError("a schedule is a non-empty list of levels, each a non-empty list of unit names")
-    return [[unit_by_name(model, name) for name in level] for level in levels]
-
-
-def normalize_schedule(model: nn.Module, levels) -> list[list[Unit]]:
-    """Accept a list of units (one level), a list of levels, or names; check every span."""
-    if isinstance(levels, (list, tuple)) and levels and all(isinstance(u, Unit) for u in levels):
-        levels = [list(levels)]
-    if not isinstance(levels, (list, tuple)) or not levels:
-        raise FastquantError("a schedule is a non-empty list of levels, each a non-empty list of units")
-    out = []
-    for level in levels:
-        if not isinstance(level, (list, tuple)) or not level:
-            raise FastquantError("a schedule is a non-empty list of levels, each a non-empty list of units")
-        out.append([u if isinstance(u, Unit) else unit_by_name(model, u) for u in level])
-    for level in out:
-        for u in level:
-            checked = _check_span(model, u.start, u.end, u.name)
-            if checked.name != u.name:
-                raise FastquantError(f"unit {u.name!r} covers halves [{u.start}, {u.end}), which is {checked.name!r}")
-    return out
 
 
 # -- running tokens through the model -----------------------------------------------------
@@ -236,17 +194,15 @@ def run_unit(model: nn.Module, x: torch.Tensor, unit: Unit) -> torch.Tensor:
 
 
 def run_head(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Logits from the tokens leaving the last block: final norm, pooling, classifier."""
-    from ..models.probe import LinearProbe, probe_features
-
+    """Logits from the tokens leaving the last block: final norm, then the model's
+    ``forward_head`` (pooling, classifier)."""
     vit = find_vit(model)
     x = vit.norm(tokens)
-    if model is vit:
-        return vit.forward_head(x)
-    if isinstance(model, LinearProbe):
-        return model.head(probe_features(x, vit.num_prefix_tokens))
-    raise FastquantError(f"cannot run the head of a {type(model).__name__} from tokens "
-                         "(supported: timm VisionTransformer, fastquant LinearProbe)")
+    head = getattr(model, "forward_head", None)
+    if model is not vit and not callable(head):
+        raise FastquantError(f"cannot run the head of a {type(model).__name__} from tokens: it wraps a timm "
+                             "VisionTransformer but has no forward_head(tokens) method")
+    return head(x)
 
 
 def run_rest(model: nn.Module, tokens: torch.Tensor, after: Unit | int) -> torch.Tensor:
@@ -267,3 +223,56 @@ def rest_modules(model: nn.Module, after: Unit | int) -> list[nn.Module]:
                 mods.append(m)
     inner = {id(m) for m in vit.blocks.modules()} | {id(m) for m in vit.patch_embed.modules()}
     return mods + [m for m in model.modules() if id(m) not in inner and not list(m.children())]
+
+
+# -- the parts of the model that play special roles ----------------------------------------
+def classifier_of(model: nn.Module) -> Optional[nn.Linear]:
+    """The model's final classifier Linear, if it has one (``get_classifier()``, else ``head``)."""
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else getattr(model, "head", None)
+    return head if isinstance(head, nn.Linear) else None
+
+
+def patch_embed_convs(model: nn.Module) -> set:
+    """The Conv2d layers of the model's patch embeddings."""
+    convs = set()
+    for m in model.modules():
+        if isinstance(m, PatchEmbed):
+            convs.update(c for c in m.modules() if type(c) is nn.Conv2d)
+    return convs
+
+
+@torch.no_grad()
+def layernorm_consumers(model: nn.Module, x: torch.Tensor) -> dict:
+    """{LayerNorm: [(Linear, channel_map)]}: the Linear layers fed by each LayerNorm's output.
+
+    Found by running ``x`` with hooks and matching tensors by identity, so no module names
+    are assumed (channel_map None: the identity), plus the groups the model declares with
+    ``reparam_groups()`` (see the module docstring). Only these pairs can be
+    reparameterised exactly.
+    """
+    produced, groups, hooks = {}, {}, []
+
+    def ln_hook(mod, inp, out):
+        produced[id(out)] = (mod, out)  # keep ``out`` alive so its id stays unique
+
+    def lin_hook(mod, inp):
+        hit = produced.get(id(inp[0]))
+        if hit is not None and mod not in groups.setdefault(hit[0], []):
+            groups[hit[0]].append(mod)
+
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm):  # timm's LayerNorm subclasses nn.LayerNorm
+            hooks.append(m.register_forward_hook(ln_hook))
+        elif type(m) is nn.Linear:
+            hooks.append(m.register_forward_pre_hook(lin_hook))
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    found = {ln: [(lin, None) for lin in lins] for ln, lins in groups.items() if lins}
+    declared = getattr(model, "reparam_groups", None)
+    for ln, lin, cmap in (declared() if callable(declared) else []):
+        found.setdefault(ln, []).append((lin, cmap))
+    return found

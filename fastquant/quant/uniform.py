@@ -1,26 +1,22 @@
-"""Quantizers: uniform asymmetric (2-8 bits) and logarithmic (log2, log-sqrt2).
-
-All state lives in buffers, so ``state_dict()``, ``.to()`` and saving see it.
-Calibration is an explicit phase:
-
-    q.start_observing()   # forward() passes x through unchanged and records statistics
-    ...run calibration data...
-    q.finish_observing()  # computes scale and zero point; forward() now fake-quantizes
+"""Uniform asymmetric quantizer (2-8 bits): codes 0 .. 2^bits - 1 with a zero point.
 
 Granularity is given by the shape of the scale, right-aligned against the input:
 ``()`` per tensor, ``(C,)`` per channel of the last dim, ``(O, 1)`` per output
 channel of a Linear weight, ``(1, H, 1, 1)`` per head of a [B, H, N, D] tensor.
 Dimensions where the scale has size 1 are reduced over. ``per_token=True`` instead
 computes min/max per row (last dim) at run time and has no calibrated state.
+Calibration (``minmax``, ``percentile``, ``mse``) is the explicit phase of
+``fastquant.quant.base``.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-from torch import nn
 
-from .errors import FastquantError
+from ..errors import FastquantError
+from .base import Quantizer, check_activations
+from .functional import fake_quant_uniform, quantize_uniform, range_to_qparams
 
 CALIB_METHODS = ("minmax", "percentile", "mse")
 # Ratios of the observed range tried by the MSE search (both ends scaled alike).
@@ -29,47 +25,14 @@ MSE_RATIOS = torch.linspace(0.30, 1.0, 57)
 MAX_SAMPLES = 1 << 21
 
 
-def check_bits(bits: int, what: str = "bits") -> int:
-    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= 8:
-        raise FastquantError(f"{what} must be an integer from 2 to 8, got {bits!r}")
-    return bits
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round to nearest (half to even); the gradient passes straight through.
-    Without autograd it is plain rounding (the same values: ``round(x) - x`` is exact)."""
-    if not (x.requires_grad and torch.is_grad_enabled()):
-        return torch.round(x)
-    return (torch.round(x) - x).detach() + x
-
-
-def fake_quant_uniform(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Asymmetric fake quantization onto the grid {0..qmax}: (clamp(round(x/s)+z) - z) * s."""
-    q = torch.clamp(round_ste(x / scale) + zero_point, 0, qmax)
-    return (q - zero_point) * scale
-
-
-def quantize_uniform(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Integer codes in {0..qmax} (as uint8), the same grid as fake_quant_uniform."""
-    return torch.clamp(torch.round(x / scale) + zero_point, 0, qmax).to(torch.uint8)
-
-
-def range_to_qparams(lo: torch.Tensor, hi: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and integer zero point covering [lo, hi] (widened to include 0)."""
-    lo = torch.minimum(lo, torch.zeros_like(lo))
-    hi = torch.maximum(hi, torch.zeros_like(hi))
-    scale = ((hi - lo) / qmax).clamp_min(1e-8)
-    zero_point = torch.clamp(torch.round(-lo / scale), 0, qmax)
-    return scale, zero_point
-
-
-class UniformQuantizer(nn.Module):
+class UniformQuantizer(Quantizer):
     """Uniform asymmetric quantizer with ``bits`` bits (codes 0 .. 2**bits - 1)."""
+
+    kind = "uniform"
 
     def __init__(self, bits: int, scale_shape: tuple[int, ...] = (), method: str = "minmax", per_token: bool = False,
                  percentile: float = 99.99):
-        super().__init__()
-        self.bits = check_bits(bits)
+        super().__init__(bits)
         if method not in CALIB_METHODS:
             raise FastquantError(f"unknown calibration method {method!r} (choose from {', '.join(CALIB_METHODS)})")
         self.method = method
@@ -77,15 +40,14 @@ class UniformQuantizer(nn.Module):
         self.percentile = percentile
         self.register_buffer("scale", torch.ones(scale_shape))
         self.register_buffer("zero_point", torch.zeros(scale_shape))
-        self.mode = "off"  # off | observe | quant
         # Optional tensor broadcastable to the input: how much the squared error of each
-        # element costs downstream, set during calibration (fastquant.ptq._error_weight_hooks).
+        # element costs downstream, set during calibration (fastquant.calib.observe).
         self.error_weight = None
         self._reset_stats()
 
-    @property
-    def qmax(self) -> int:
-        return (1 << self.bits) - 1
+    def step(self):
+        """The calibrated step (None per token, where steps are computed at run time)."""
+        return None if self.per_token else self.scale
 
     def extra_repr(self) -> str:
         gran = "per-token" if self.per_token else f"scale {tuple(self.scale.shape)}"
@@ -126,8 +88,7 @@ class UniformQuantizer(nn.Module):
         self._reset_stats()
 
     def observe(self, x: torch.Tensor):
-        if not torch.isfinite(x).all():
-            raise FastquantError("calibration data produced NaN or Inf activations")
+        check_activations(x)
         rows = self._rows(x)
         mn, mx = rows.amin(1), rows.amax(1)
         self._min = mn if self._min is None else torch.minimum(self._min, mn)
@@ -231,83 +192,3 @@ class UniformQuantizer(nn.Module):
 
     def dequantize(self, q: torch.Tensor) -> torch.Tensor:
         return (q.float() - self.zero_point) * self.scale
-
-
-class LogQuantizer(nn.Module):
-    """Logarithmic quantizer for values in [0, scale] (softmax probabilities).
-
-    ``base="2"``: levels scale * 2**-q; ``base="sqrt2"``: levels scale * 2**(-q/2)
-    (RepQ-ViT's log-sqrt2, arXiv 2212.08254), for codes q = 0 .. 2**bits - 2; the last
-    code 2**bits - 1 stands for exact zero. Values are rounded to the nearest level in
-    value, the zero code counting as a level of value 0 just below the smallest one: of
-    the level at or above x (found in the log domain) and the next one down, the nearer
-    wins. For log2 that makes values below the smallest level go to it or to zero,
-    whichever is nearer. For log-sqrt2 the search in the log domain stops at half a
-    level step below the smallest level: values from half the smallest level up to
-    1/sqrt(2) of it become zero although the smallest level is nearer (at 4 bits,
-    probabilities between 0.0039 and 0.0055 of the scale). Every kernel (CPU, CUDA,
-    Triton) and twin reproduces this exactly. ``scale`` is calibrated as the largest value
-    seen (at most 1 for probabilities).
-    """
-
-    def __init__(self, bits: int, base: str = "2"):
-        super().__init__()
-        self.bits = check_bits(bits)
-        if base not in ("2", "sqrt2"):
-            raise FastquantError(f"log quantizer base must be '2' or 'sqrt2', got {base!r}")
-        self.base = base
-        self.register_buffer("scale", torch.ones(()))
-        self.mode = "off"
-        self._max = None
-
-    @property
-    def steps_per_octave(self) -> int:
-        return 1 if self.base == "2" else 2
-
-    @property
-    def zero_code(self) -> int:
-        return (1 << self.bits) - 1
-
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}, base={self.base}, mode={self.mode}"
-
-    def start_observing(self):
-        self.mode = "observe"
-        self._max = None
-
-    def observe(self, x: torch.Tensor):
-        if not torch.isfinite(x).all():
-            raise FastquantError("calibration data produced NaN or Inf activations")
-        mx = x.detach().amax().float()
-        self._max = mx if self._max is None else torch.maximum(self._max, mx)
-
-    def finish_observing(self):
-        if self._max is None:
-            raise FastquantError("a quantizer saw no calibration data (is the calibration set empty?)")
-        self.scale.copy_(self._max.clamp_min(1e-8))
-        self._max = None
-        self.mode = "quant"
-
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """Codes of the nearest level in value (not in the log domain), or the zero code."""
-        k = self.steps_per_octave
-        x = x.float()
-        hi_code = torch.floor(-torch.log2((x / self.scale).clamp_min(1e-30)) * k).clamp(0, self.zero_code)
-        hi_val = self.dequantize(hi_code)  # the level at or above x (0 if x is below them all)
-        lo_code = (hi_code + 1).clamp_max(self.zero_code)
-        lo_val = self.dequantize(lo_code)
-        code = torch.where((hi_val - x).abs() <= (x - lo_val).abs(), hi_code, lo_code)
-        return code.to(torch.uint8)
-
-    def dequantize(self, q: torch.Tensor) -> torch.Tensor:
-        qf = q.float()
-        val = self.scale * torch.exp2(-qf / self.steps_per_octave)
-        return torch.where(qf == self.zero_code, torch.zeros_like(val), val)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "quant":
-            xq = self.dequantize(self.quantize(x.detach())).to(x.dtype)
-            return (xq - x).detach() + x  # straight-through gradient
-        if self.mode == "observe":
-            self.observe(x)
-        return x

@@ -1,24 +1,19 @@
-"""int8 ops: per-token symmetric quantization.
+"""Per-token symmetric int8 quantization.
 
 The op ``fastquant::quantize_per_token_int8(Tensor x) -> (Tensor q, Tensor scale)`` is
-declared once here with torch.library, with a fake implementation so torch.compile can
-trace it. Implementations:
-
-- every device but CUDA: ``torch_quantize_per_token_int8``, the PyTorch reference, which
-  is also the oracle the tests compare the kernels against;
-- CUDA: the CUDA extension (``csrc/quant_int8.cu``) when built, else the Triton kernel
-  (``kernels/quant_int8.py``), else the reference.
+declared once here (``fastquant.ops.op``), with a fake implementation so torch.compile
+can trace it. Backends: ``torch`` (``torch_quantize_per_token_int8``, the reference and the
+tests' oracle), ``triton`` (``kernels/quant_int8.py``), ``cuda`` (``csrc/quant_int8.cu``);
+all return the same bits.
 
 Call ``quantize_per_token_int8`` (it checks its input, then calls the op), or
 ``torch.ops.fastquant.quantize_per_token_int8`` inside code that is already checked.
 """
-import functools
-
 import torch
 
-from fastquant import backends
+from .op import declare
 
-__all__ = ["quantize_per_token_int8", "torch_quantize_per_token_int8"]
+__all__ = ["QUANTIZE_PER_TOKEN_INT8", "quantize_per_token_int8", "torch_quantize_per_token_int8", "check_float_rows"]
 
 # An all-zero row would get scale 0 and quantize 0/0; with the floor it gets a tiny,
 # finite scale and quantizes to zeros. Kernels use the same float32 constant.
@@ -46,38 +41,17 @@ def torch_quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.
     return q, scale
 
 
-@torch.library.custom_op("fastquant::quantize_per_token_int8", mutates_args=())
-def _quantize_per_token_int8_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch_quantize_per_token_int8(x)
+def _library_quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return QUANTIZE_PER_TOKEN_INT8(x)
 
 
-@_quantize_per_token_int8_op.register_fake
-def _(x):
+def _fake(x):
     return (x.new_empty(x.shape, dtype=torch.int8),
             x.new_empty(x.shape[:-1], dtype=torch.float32))
 
 
-@functools.cache
-def _cuda_kernel():
-    """The fastest available CUDA implementation: ``(name, fn)``."""
-    if backends.CUDA_EXT_AVAILABLE:
-        from fastquant import _C
-
-        return "cuda_ext", _C.quantize_per_token_int8
-    if backends.TRITON_AVAILABLE:
-        from fastquant.kernels.quant_int8 import triton_quantize_per_token_int8
-
-        return "triton", triton_quantize_per_token_int8
-    return "torch", torch_quantize_per_token_int8
-
-
-@_quantize_per_token_int8_op.register_kernel("cuda")
-def _(x):
-    name, fn = _cuda_kernel()
-    if name == "cuda_ext" and x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        # The contract reads x as float32, so converting first changes nothing.
-        x = x.to(torch.float32)
-    return fn(x.contiguous())
+QUANTIZE_PER_TOKEN_INT8 = declare("quantize_per_token_int8", torch_quantize_per_token_int8, _fake,
+                                  _library_quantize_per_token_int8)
 
 
 def check_float_rows(x, name: str) -> None:

@@ -13,11 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._compat import import_timm
+from .._compat import import_timm
+from ..ops import fq_attention as fq
+from ..ops.fq_linear import fused_recon_linear
+from ..ops.grid import grid_linear
 
 timm = import_timm()
 from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_mask  # noqa: E402
 from timm.models.swin_transformer import WindowAttention  # noqa: E402
+
+__all__ = ["QuantLinear", "QuantConv2d", "QuantMatMul", "QuantAttention", "QuantWindowAttention", "Attention",
+           "WindowAttention", "adopt"]
 
 
 def _q(quantizer: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
@@ -27,13 +33,13 @@ def _q(quantizer: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
 class QuantLinear(nn.Module):
     """y = Qa(x) Qw(W)^T + b.
 
-    With ``grid_dtype`` set (reconstruction sets it while it trains), quantizers that
-    can give their output as an integer grid times a scale (``grid(x) -> (g, s)``, the
-    learnable wrappers of ``fastquant.recon``) have the product computed on the grids in
-    that dtype and the scales applied after it (``fastquant.ops.grid_linear``). On CUDA
-    tensors, a layer wrapped by ``ActQuant`` (per-tensor step) and ``AdaRoundWeight`` runs
-    the fused Triton op instead (``fastquant.ops.fq_linear.fused_recon_linear``: fp16
-    grids, quantization in the GEMM's prologue, its own backward).
+    With a grid dtype set (``set_grid_dtype``: reconstruction sets it while it trains),
+    quantizers that can give their output as an integer grid times a scale (``grid(x) ->
+    (g, s)``, the learnable wrappers of ``fastquant.quant``) have the product computed on the
+    grids in that dtype and the scales applied after it (``fastquant.ops.grid_linear``). On
+    CUDA tensors, a layer wrapped by ``ActQuant`` (per-tensor step) and ``AdaRoundWeight``
+    runs the fused op instead (``fastquant.ops.fq_linear.fused_recon_linear``: fp16 grids,
+    quantization in the GEMM's prologue, its own backward).
     """
 
     grid_dtype: Optional[torch.dtype] = None
@@ -47,6 +53,11 @@ class QuantLinear(nn.Module):
         self.weight_quant = weight_quant
         self.input_quant = input_quant
 
+    def set_grid_dtype(self, dtype: Optional[torch.dtype]) -> "QuantLinear":
+        """Take the product on integer grids in ``dtype`` when the quantizers allow it (None: off)."""
+        self.grid_dtype = dtype
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.grid_dtype is not None:
             y = self._grid_forward(x)
@@ -56,20 +67,14 @@ class QuantLinear(nn.Module):
 
     def _grid_forward(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         if x.is_cuda:  # the fused fake-quant linear op, when the layer's quantizers allow it
-            from .ops.fq_linear import fused_recon_linear
-
             y = fused_recon_linear(self, x)
             if y is not None:
                 return y
-        x_grid = getattr(self.input_quant, "grid", None)
-        w_grid = getattr(self.weight_quant, "grid", None)
-        if x_grid is None or w_grid is None:
+        if self.input_quant is None:
             return None
-        gx, gw = x_grid(x), w_grid(self.weight)
+        gx, gw = self.input_quant.grid(x), self.weight_quant.grid(self.weight)
         if gx is None or gw is None:
             return None
-        from .ops.grid import grid_linear
-
         return grid_linear(gx[0], gx[1], gw[0], gw[1], self.bias, self.grid_dtype)
 
     def extra_repr(self) -> str:
@@ -108,11 +113,22 @@ class QuantMatMul(nn.Module):
         return _q(self.a_quant, a) @ _q(self.b_quant, b)
 
 
-def _adopt(cls, module: nn.Module):
-    """A ``cls`` instance sharing ``module``'s parameters, buffers, children and attributes."""
+def adopt(cls, module: nn.Module):
+    """A ``cls`` instance sharing ``module``'s parameters, buffers, children and attributes
+    (how quantized attention subclasses take over timm's modules, and deployed modules the
+    fake-quant ones, without copying or patching them)."""
     new = cls.__new__(cls)
     nn.Module.__init__(new)
     new.__dict__.update(module.__dict__)
+    return new
+
+
+def _with_matmuls(cls, attn: nn.Module, qk: QuantMatMul, pv: QuantMatMul):
+    """``attn`` as a ``cls`` whose two matmuls are quantized (timm's fused SDPA path off)."""
+    new = adopt(cls, attn)
+    new.fused_attn = False
+    new.matmul_qk = qk
+    new.matmul_pv = pv
     return new
 
 
@@ -122,11 +138,7 @@ class QuantAttention(Attention):
 
     @classmethod
     def from_float(cls, attn: Attention, qk: QuantMatMul, pv: QuantMatMul) -> "QuantAttention":
-        new = _adopt(cls, attn)
-        new.fused_attn = False
-        new.matmul_qk = qk
-        new.matmul_pv = pv
-        return new
+        return _with_matmuls(cls, attn, qk, pv)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
         B, N, C = x.shape
@@ -134,11 +146,8 @@ class QuantAttention(Attention):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        fq = None
-        if x.is_cuda and attn_mask is None and not is_causal:  # reconstruction's fused kernel (opt-in)
-            from .ops import fq_attention as fq
-        if fq is not None and fq.fused_attention_applies(self, q):
-            x = fq.fused_attention(self, q, k, v)
+        if x.is_cuda and attn_mask is None and not is_causal and fq.fused_attention_applies(self, q):
+            x = fq.fused_attention(self, q, k, v)  # reconstruction's fused op
         else:
             attn = self.matmul_qk(q, k.transpose(-2, -1)) * self.scale
             attn = maybe_add_mask(attn, resolve_self_attn_mask(N, attn, attn_mask, is_causal))
@@ -157,11 +166,7 @@ class QuantWindowAttention(WindowAttention):
 
     @classmethod
     def from_float(cls, attn: WindowAttention, qk: QuantMatMul, pv: QuantMatMul) -> "QuantWindowAttention":
-        new = _adopt(cls, attn)
-        new.fused_attn = False
-        new.matmul_qk = qk
-        new.matmul_pv = pv
-        return new
+        return _with_matmuls(cls, attn, qk, pv)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B_, N, C = x.shape

@@ -1,0 +1,86 @@
+"""Calibration of a swapped model: observe, pick ranges, reparameterise, round weights, correct biases."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..nn import QuantConv2d, QuantLinear
+from ..quant import quantizers_in, set_mode
+from .gptq import gptq_round
+from .observe import error_weight_hooks, linear_input_stats
+from .reparam import reparameterize
+from .spec import CalibSpec
+
+
+def weight_quantizers(model: nn.Module) -> set:
+    return {m.weight_quant for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d))}
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: list, cfg: CalibSpec, ln_groups: dict, progress: bool = True) -> int:
+    """Calibrate a swapped model, in place. Returns the number of images seen.
+
+    1. Activation quantizers observe the float model on ``batches`` and pick their
+       ranges (weighted by their downstream cost when ``output_aware``).
+    2. LayerNorm-fed inputs are reparameterised (``ln_groups``, LayerNorm -> its
+       QuantLinear consumers), which leaves the float model's output unchanged.
+    3. A second float pass measures each Linear's input statistics: the per-channel
+       mean square (weights the weight-range search), the means of x and Qa(x) (bias
+       correction) and, for ``weight_rounding="gptq"``, the input's second-moment matrix.
+    4. Weights get their per-channel ranges and are rounded (to nearest, or with GPTQ
+       error compensation); then biases are corrected.
+    """
+    wqs = weight_quantizers(model)
+    acts = [q for q in quantizers_in(model) if q not in wqs]
+    set_mode(wqs, "off")
+    for q in acts:
+        q.start_observing()
+    hooks = error_weight_hooks(model) if cfg.output_aware else []
+    n = 0
+    try:
+        for x in tqdm(batches, desc="calibrate", unit="batch", disable=not progress, leave=False):
+            model(x)
+            n += len(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        for q in acts:
+            q.error_weight = None
+    for q in acts:
+        q.finish_observing()
+    set_mode(acts, "off")
+    if ln_groups:
+        probe = batches[0][: min(8, len(batches[0]))]
+        before = model(probe)
+        for ln, consumers in ln_groups.items():
+            reparameterize(ln, consumers)
+        after = model(probe)
+        err = (after - before).abs().max().item() / max(before.abs().max().item(), 1e-6)
+        if err > 1e-3:
+            raise RuntimeError(f"reparameterisation changed the float model's output (relative error {err:.2e})")
+    gptq = cfg.weight_rounding == "gptq"
+    bias_correct = cfg.bias_correct
+    # The input statistics feed the MSE weight search, GPTQ and bias correction; rtn needs none.
+    needs_stats = gptq or bias_correct or cfg.calib == "mse"
+    stats = linear_input_stats(model, batches, covariance=gptq, progress=progress) if needs_stats else {}
+    for m in model.modules():
+        if isinstance(m, QuantConv2d):
+            m.weight_quant.calibrate_tensor(m.weight)
+        if not isinstance(m, QuantLinear):
+            continue
+        st = stats.get(m)
+        m.weight_quant.calibrate_tensor(m.weight, None if st is None else st.mean_square().float().to(m.weight.device))
+        original = m.weight.detach().clone() if gptq else m.weight.detach()
+        if gptq and st is not None:
+            m.weight.copy_(gptq_round(m.weight, m.weight_quant, st.second_moment()))
+        if bias_correct and st is not None and m.bias is not None:
+            m.weight_quant.mode = "quant"
+            dev = m.weight.device
+            shift = (m.weight_quant(m.weight).double() @ st.mean_quantized().to(dev)
+                     - original.double() @ st.mean().to(dev))
+            m.bias.sub_(shift.to(m.bias.dtype))
+    set_mode(quantizers_in(model), "quant")
+    return n
+
+

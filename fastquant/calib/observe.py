@@ -1,0 +1,99 @@
+"""What calibration measures on the float model: downstream error weights of activation
+quantizers, and every Linear layer's input statistics."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..nn import QuantLinear, QuantMatMul
+from ..quant import quantizers_in, set_mode
+
+
+def error_weight_hooks(model: nn.Module) -> list:
+    """Hooks that tell activation quantizers what their error costs downstream.
+
+    For y = x W^T an error e_j in input channel j moves the output by e_j W[:, j], so
+    its expected squared cost is e_j^2 ||W[:, j]||^2 (cross terms between channels
+    average out). For a matmul a @ b the same holds with the partner operand: an error
+    in a[..., i, k] costs sum_d b[..., k, d]^2, one in b[..., k, d] costs
+    sum_i a[..., i, k]^2. The MSE search weights each sampled element by this cost
+    (quantizers that take such weights have an ``error_weight`` attribute).
+    """
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and hasattr(m.input_quant, "error_weight"):
+            m.input_quant.error_weight = m.weight.detach().pow(2).sum(0)
+        elif isinstance(m, QuantMatMul):
+            def pre(mod, args):
+                a, b = args[0].detach(), args[1].detach()
+                if hasattr(mod.a_quant, "error_weight"):
+                    mod.a_quant.error_weight = b.pow(2).sum(-1).unsqueeze(-2)
+                if hasattr(mod.b_quant, "error_weight"):
+                    mod.b_quant.error_weight = a.pow(2).sum(-2).unsqueeze(-1)
+
+            hooks.append(m.register_forward_pre_hook(pre))
+    return hooks
+
+
+
+class InputStats:
+    """Running statistics of one Linear's input x (as rows [*, C]) and of Qa(x)."""
+
+    def __init__(self, channels: int, covariance: bool):
+        self.n = 0
+        self.sum = torch.zeros(channels, dtype=torch.float64)
+        self.sum_q = torch.zeros(channels, dtype=torch.float64)
+        self.sum_sq = torch.zeros(channels, dtype=torch.float64)
+        self.xtx = torch.zeros(channels, channels) if covariance else None
+
+    def add(self, x: torch.Tensor, xq: torch.Tensor):
+        x, xq = x.reshape(-1, x.shape[-1]), xq.reshape(-1, x.shape[-1])
+        self.n += x.shape[0]
+        self.sum += x.double().sum(0).cpu()
+        self.sum_q += xq.double().sum(0).cpu()
+        self.sum_sq += x.double().pow(2).sum(0).cpu()
+        if self.xtx is not None:
+            xf = x.float()
+            self.xtx += (xf.t() @ xf).cpu()
+
+    def mean(self) -> torch.Tensor:
+        return self.sum / self.n
+
+    def mean_quantized(self) -> torch.Tensor:
+        return self.sum_q / self.n
+
+    def mean_square(self) -> torch.Tensor:
+        return self.sum_sq / self.n
+
+    def second_moment(self) -> torch.Tensor:
+        return self.xtx / self.n
+
+
+@torch.no_grad()
+def linear_input_stats(model: nn.Module, batches: list, covariance: bool, progress: bool = True) -> dict:
+    """One float pass (all quantizers off) recording every QuantLinear's input statistics."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    stats = {m: InputStats(m.in_features, covariance) for m in layers}
+
+    def hook(mod, inp):
+        x = inp[0].detach()
+        xq = x
+        q = mod.input_quant
+        if q is not None:
+            q.mode = "quant"
+            xq = q(x)
+            q.mode = "off"
+        stats[mod].add(x, xq)
+
+    set_mode(quantizers_in(model), "off")
+    hooks = [m.register_forward_pre_hook(hook) for m in layers]
+    try:
+        for x in tqdm(batches, desc="layer statistics", unit="batch", disable=not progress, leave=False):
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {m: st for m, st in stats.items() if st.n > 0}
+
+

@@ -1,0 +1,157 @@
+"""The loss terms a unit can be trained with; a method picks them by their weights.
+
+Each term is built for one unit (``Term(ctx)``, ``ctx``: the engine's :class:`UnitContext`),
+may prepare the step (``before_forward``), gives its value for the unit's output on a batch
+(``value(out, batch)``) and undoes what it installed (``close``). ``TERMS`` lists them in
+the order their values are summed, each with the setting that weighs it:
+
+- ``rec`` (``w_rec``): the mean squared error of the unit's output against the float
+  model's output of the unit (the target);
+- ``global`` (``w_global``, MGRQ's extra-block global supervision): the KL divergence from
+  the float model's logits to the logits of the unit's output run through the rest of the
+  model (``global_rest``: the rest ``quant``ized or in ``float``; ``global_batch``: on the
+  first images of each batch only);
+- ``local`` (``w_local``, MGRQ's intra-block local supervision): per QuantLinear of the unit,
+  its output against the float model's same layer on the float input (``local_loss``:
+  ``moments`` aligns per-channel means and standard deviations, ``mse`` the elements).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..adapters import Unit, rest_modules, run_rest, run_span
+from ..errors import FastquantError
+from ..quant import quantizers_in, quantizers_off
+
+
+@dataclass
+class StepBatch:
+    """One training step's batch: the images' indices, the float input of the unit and its
+    float output (the target)."""
+
+    idx: torch.Tensor
+    x_fp: torch.Tensor
+    target: torch.Tensor
+
+
+class Term:
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def before_forward(self):
+        pass
+
+    def value(self, out: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def close(self):
+        pass
+
+
+class Reconstruction(Term):
+    def value(self, out, batch):
+        return F.mse_loss(out, batch.target)
+
+
+class GlobalKL(Term):
+    """KL(float model's softmax || softmax of the unit's output through the rest)."""
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        cfg = ctx.cfg
+        self.rest_quantizers = ([q for m in rest_modules(ctx.model, ctx.unit) for q in quantizers_in(m)]
+                                if cfg.global_rest == "float" else [])
+
+    def value(self, out, batch):
+        ctx = self.ctx
+        fp_logits = ctx.float_logits()
+        idx = batch.idx
+        if ctx.cfg.global_batch is not None:
+            out, idx = out[:ctx.cfg.global_batch], idx[:ctx.cfg.global_batch]
+        with quantizers_off(self.rest_quantizers):
+            logits = run_rest(ctx.model, out, ctx.unit)
+        ref = fp_logits[idx.to(fp_logits.device)].to(ctx.device)
+        return F.kl_div(F.log_softmax(logits, -1), F.log_softmax(ref, -1), log_target=True, reduction="batchmean")
+
+
+class LocalAlignment(Term):
+    """The output of every QuantLinear in the unit against the float model's same layer,
+    taken on the float input of the unit."""
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.mode = ctx.cfg.local_loss
+        self.q_out: dict[int, torch.Tensor] = {}
+        self.fp_out: dict[int, torch.Tensor] = {}
+        self.armed = False
+        self.hooks = []
+        for i, layer in enumerate(ctx.layers):
+            name = ctx.names[layer]
+            fp_layer = ctx.fp_modules.get(name)
+            if fp_layer is None:
+                raise FastquantError(f"the float model has no layer {name} to compare with")
+            self.hooks.append(layer.register_forward_hook(self._tap(self.q_out, i, armed_only=True)))
+            self.hooks.append(fp_layer.register_forward_hook(self._tap(self.fp_out, i, armed_only=False)))
+
+    def _tap(self, store: dict, i: int, armed_only: bool):
+        def hook(mod, inp, out):
+            if self.armed or not armed_only:
+                store[i] = out
+        return hook
+
+    def before_forward(self):
+        self.q_out.clear()
+        self.armed = True
+
+    def value(self, out, batch):
+        self.armed = False
+        self.fp_out.clear()
+        unit = self.ctx.unit
+        with torch.no_grad():
+            run_span(self.ctx.fp, batch.x_fp, unit.start, unit.end)
+        terms = []
+        for i, q in self.q_out.items():
+            f = self.fp_out[i]
+            if self.mode == "mse":
+                terms.append(F.mse_loss(q, f) / f.pow(2).mean().clamp_min(1e-12))
+            else:
+                q2, f2 = q.reshape(-1, q.shape[-1]), f.reshape(-1, f.shape[-1])
+                var_f = f2.var(0, unbiased=False)
+                d_mean = (q2.mean(0) - f2.mean(0)).pow(2).mean()
+                d_std = (q2.std(0, unbiased=False) - var_f.sqrt()).pow(2).mean()
+                terms.append((d_mean + d_std) / var_f.mean().clamp_min(1e-12))
+        if not terms:
+            raise FastquantError(f"unit {unit.name} has no quantized layers for the local loss")
+        return torch.stack(terms).mean()
+
+    def close(self):
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+
+@dataclass(frozen=True)
+class TermSpec:
+    name: str
+    weight: str  # the setting (ReconConfig field or method option) that weighs it
+    make: Any
+
+
+TERMS = [TermSpec("rec", "w_rec", Reconstruction), TermSpec("global", "w_global", GlobalKL),
+         TermSpec("local", "w_local", LocalAlignment)]
+
+
+def register_term(spec: TermSpec) -> TermSpec:
+    """Add a loss term (summed after the others); its weight is a setting or method option."""
+    if any(t.name == spec.name for t in TERMS):
+        raise FastquantError(f"loss term {spec.name!r} is already registered")
+    TERMS.append(spec)
+    return spec
+
+
+__all__ = ["StepBatch", "Term", "Reconstruction", "GlobalKL", "LocalAlignment", "TermSpec", "TERMS", "register_term",
+           "Unit"]
