@@ -38,9 +38,9 @@ VARIANTS = {
 
 def recon_rows() -> tuple[str, ...]:
     """The reconstruction rows: every registered method (fastquant.recon's registry) and the variants."""
-    from fastquant.recon import methods
+    from fastquant.recon import method_names
 
-    return (*methods(), *VARIANTS)
+    return (*method_names(), *VARIANTS)
 
 
 

@@ -20,7 +20,7 @@ from .config import QuantConfig
 from .deploy import convert
 from .errors import FastquantError
 from .recon import ReconConfig, run_method
-from .recon import methods as recon_methods
+from .recon import method_names as recon_methods
 from .record import record_of
 from .serialize import load, save
 from .validate import check_images

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .config import CALIB_PRESETS
 from .errors import FastquantError
-from .recon import methods as recon_methods
+from .recon import method_names as recon_methods
 
 # Reconstruction presets (--budget): calibration images and steps per unit; each method's
 # record adds its own settings for a budget (fastquant.recon.ReconMethod.budgets).

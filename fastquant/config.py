@@ -14,7 +14,7 @@ from .calib import CALIB_FIELDS, PRESETS, SOFTMAX_QUANTIZERS, WEIGHT_ROUNDING, C
 from .errors import FastquantError
 from .quant import CALIB_METHODS, check_bits
 from .recon import get_method
-from .recon import methods as recon_methods
+from .recon import method_names as recon_methods
 
 CALIB_PRESETS = tuple(PRESETS)
 

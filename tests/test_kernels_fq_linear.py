@@ -51,8 +51,7 @@ from _marks import needs_gpu  # tests/_marks.py
 import fastquant.ops.fq_linear as fq_mod
 from fastquant import settings
 from fastquant.nn import QuantLinear
-from fastquant.ops.fq_linear import (fq_grids, fq_linear, fused_recon_linear, torch_fq_linear,
-                                     torch_fq_linear_backward, torch_fq_linear_forward)
+from fastquant.ops.fq_linear import fq_grids, fq_linear, fused_recon_linear, torch_fq_linear
 from fastquant.quant import ActQuant, AdaRoundWeight, keep_mask
 
 

@@ -5,8 +5,8 @@ import pytest
 import fastquant
 from fastquant.adapters import Unit, depth_of, half_name
 from fastquant.cli import main
-from fastquant.recon import (Option, ReconConfig, ReconMethod, Stage, get_method, methods, register_method,
-                             register_option)
+from fastquant.recon import (Option, ReconConfig, ReconMethod, Stage, get_method, method_names,
+                             register_method, register_option)
 
 CALLS = []
 
@@ -24,7 +24,7 @@ def _stages(cfg):
 @pytest.fixture(scope="module")
 def halves():
     """A method of the tests' own: halves, no QDrop, a float-activation warm-up of its own option."""
-    if "test-halves" not in methods():
+    if "test-halves" not in method_names():
         register_option(Option("warm_fraction", 0.25,
                                lambda v: "" if isinstance(v, float) and 0 <= v < 1 else
                                f"warm_fraction must be a fraction in [0, 1), got {v!r}",
@@ -87,12 +87,12 @@ def test_registering_a_bad_method_is_refused(halves):
         register_method(ReconMethod(name="test-bad", summary="", defaults={"iters": 3}))
     with pytest.raises(fastquant.FastquantError, match="options nope are not declared"):
         register_method(ReconMethod(name="test-bad", summary="", options={"nope": 1}))
-    assert "test-bad" not in methods()
+    assert "test-bad" not in method_names()
 
 
 def test_fastquant_methods_are_records():
     """brecq, qdrop, pfcr and mgrq differ only in their records' data and functions."""
-    assert methods()[:4] == ("brecq", "qdrop", "pfcr", "mgrq")
+    assert method_names()[:4] == ("brecq", "qdrop", "pfcr", "mgrq")
     assert get_method("brecq").defaults == {"qdrop_p": 0.0}
     assert get_method("mgrq").defaults == {"qdrop_p": 0.5, "w_global": 1.0, "w_local": 1.0}
     pfcr = get_method("pfcr")

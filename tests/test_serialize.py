@@ -2,7 +2,6 @@ import pytest
 import torch
 
 import fastquant
-from fastquant.nn import QuantLinear
 
 
 @pytest.fixture(scope="module")

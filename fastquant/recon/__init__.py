@@ -25,13 +25,13 @@ from .learnable import LearnableState
 from .losses import TERMS, StepBatch, Term, TermSpec, register_term
 from .methods.pfcr import pfcr_levels
 from .plot import plot_losses
-from .registry import Option, ReconMethod, Stage, get_method, methods, register_method, register_option
+from .registry import Option, ReconMethod, Stage, get_method, method_names, register_method, register_option
 from .schedules import block_units, normalize_schedule, schedule_from_names
 
 __all__ = [
     "ReconConfig", "auto_lr_round", "ReconRecord", "UnitContext", "UnitRecord", "float_copy", "hard_codes",
     "reconstruct", "run_method", "schedule_for", "LearnableState", "ActQuant", "AdaRoundWeight", "TERMS", "StepBatch",
     "Term", "TermSpec", "register_term", "pfcr_levels", "plot_losses", "Option", "ReconMethod", "Stage", "get_method",
-    "methods", "register_method", "register_option", "block_units", "normalize_schedule", "schedule_from_names",
+    "method_names", "register_method", "register_option", "block_units", "normalize_schedule", "schedule_from_names",
     "Unit", "embed", "find_vit", "run_head", "run_rest", "run_span", "run_unit", "unit_by_name",
 ]

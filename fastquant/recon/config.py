@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from ..errors import FastquantError
-from .registry import BASE_DEFAULTS, METHOD_FIELDS, finite, get_method, is_int, methods, option, options
+from .registry import BASE_DEFAULTS, METHOD_FIELDS, finite, get_method, is_int, method_names, option, options
 
 GLOBAL_RESTS = ("quant", "float")
 LOCAL_LOSSES = ("moments", "mse")
@@ -115,9 +115,9 @@ class ReconConfig:
 
     # -- validation --------------------------------------------------------------------------
     def _check(self):
-        if self.method not in methods():
+        if self.method not in method_names():
             raise FastquantError(f"unknown reconstruction method {self.method!r} "
-                                 f"(choose from {', '.join(methods())})")
+                                 f"(choose from {', '.join(method_names())})")
         for name in ("iters", "batch_size", "capture_batch_size", "global_batch"):
             v = getattr(self, name)
             if v is None and name == "global_batch":

@@ -38,7 +38,7 @@ import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import nn

@@ -17,7 +17,7 @@ A :class:`ReconMethod` says, as data and small functions, everything that makes 
   overrides).
 
 The engine (``fastquant.recon.engine``) runs any record and has no per-method branch; one
-registry (:func:`methods`) feeds ``fastquant.QuantConfig``'s and the CLI's choices, and
+registry (:func:`method_names`) feeds ``fastquant.QuantConfig``'s and the CLI's choices, and
 bench/recon.py. A method from outside fastquant is one :func:`register_method` call.
 """
 from __future__ import annotations
@@ -128,7 +128,7 @@ def get_method(name: str) -> ReconMethod:
     return _METHODS[name]
 
 
-def methods() -> tuple[str, ...]:
+def method_names() -> tuple[str, ...]:
     """The registered reconstruction methods' names, in registration order."""
     return tuple(_METHODS)
 
