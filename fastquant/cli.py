@@ -79,6 +79,17 @@ def _add_model_args(p: argparse.ArgumentParser, from_file: bool = False):
     p.add_argument("--threads", type=_positive, help="CPU threads for torch (default: torch's choice)")
 
 
+def _budget_help(budget: str) -> str:
+    """'cpu (256 images, 300 steps per unit; pfcr: stop_at=2, ...)' from the presets and the methods' records."""
+    from .recon import get_method
+
+    preset = BUDGETS[budget]
+    extra = [f"{m}: " + ", ".join(f"{k}={v}" for k, v in get_method(m).budgets[budget].items())
+             for m in recon_methods() if get_method(m).budgets.get(budget)]
+    return (f"{budget} ({preset['calib_size']:,} images, {preset['iters']:,} steps per unit"
+            + ("; " + "; ".join(extra) if extra else "") + ")")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fastquant", description="Post-training quantization for Vision Transformers.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
@@ -100,13 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also convert to integer layers with this backend (cpu: the fused int8 kernels of the CPU "
                         "extension; triton: Triton kernels on a GPU; cuda: the CUDA C++ extension on a GPU; torch: "
                         "the PyTorch twins), evaluate the deployed model and save it with --out")
-    r = q.add_argument_group("reconstruction (brecq, qdrop, pfcr, mgrq)")
+    r = q.add_argument_group(f"reconstruction ({', '.join(recon_methods())})")
     r.add_argument("--budget", choices=tuple(BUDGETS),
-                   help="preset: cpu (256 images, 300 steps per unit; PFCR up to pairs of blocks, MGRQ's global term "
-                        "on 8 images a batch) or full (1,024 images, 20,000 steps per unit) (default: full with CUDA, "
-                        "else cpu)")
+                   help="preset: " + " or ".join(_budget_help(b) for b in BUDGETS)
+                        + " (default: full with CUDA, else cpu)")
     r.add_argument("--iters", type=_positive, help="steps per unit (default: the budget's)")
-    r.add_argument("--no-pos", action="store_true", help="pfcr without its progressive optimisation strategy")
+    r.add_argument("--no-pos", action="store_true",
+                   help="the same as --recon-set pos=False: without the progressive optimisation strategy (pfcr)")
     r.add_argument("--recon-set", type=_recon_setting, action="append", default=[], metavar="KEY=VALUE",
                    help="set a reconstruction setting or a method option (fastquant.recon.ReconConfig), e.g. "
                         "qdrop_p=0, carry=1.0, stop_at=0 (repeatable; applied after the budget and --no-pos)")
