@@ -24,8 +24,24 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Rows that are a method plus extra options: the PFCR ablations (see the README).
+# Rows that are a method plus extra options: the PFCR ablations and the accuracy hypotheses
+# (docs/methods.md). "lract": activation steps at 4e-5 * 20000 / 300, as lr_round is scaled
+# for short runs ("lract10": 1e-2); "float": the unit's biases and LayerNorm affine trained
+# too; "cos": the activation steps' learning rate on a half cosine to 0; "decay": QDrop's
+# probability falling linearly to 0.
+LRACT = ["--recon-set", "lr_act=2.7e-3"]
+FLOAT = ["--recon-set", "lr_bias=1e-3", "--recon-set", "lr_norm=1e-4"]
+COS = ["--recon-set", "lr_schedule=cosine"]
+DECAY = ["--recon-set", "qdrop_schedule=linear"]
 VARIANTS = {
+    "brecq-lract": ("brecq", LRACT),
+    "brecq-lract-float": ("brecq", LRACT + FLOAT),
+    "brecq-lract-cos": ("brecq", LRACT + COS),
+    "brecq-lract10": ("brecq", ["--recon-set", "lr_act=1e-2"]),
+    "qdrop-lract": ("qdrop", LRACT),
+    "qdrop-lract-decay": ("qdrop", LRACT + DECAY),
+    "mgrq-lract": ("mgrq", LRACT),
+    "pfcr-lract-nodrop-carry1": ("pfcr", LRACT + ["--recon-set", "qdrop_p=0.0", "--recon-set", "carry=1.0"]),
     "pfcr-nopos": ("pfcr", ["--no-pos"]),
     "pfcr-carry1": ("pfcr", ["--recon-set", "carry=1.0"]),      # keep the previous level's rounding as is
     "pfcr-level0": ("pfcr", ["--recon-set", "stop_at=0"]),      # attention and MLP units only

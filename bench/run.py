@@ -572,10 +572,52 @@ def bench_recon_step(args, device, env) -> list[dict]:
                   "baseline_ms": ms["reference"], "loss_max_rel_diff": max(rel), **env}]
 
 
+def bench_load(args, device, env) -> list[dict]:
+    """Loading a saved model (``fastquant.load``, dinov2-s14-fmnist W4A8 round-to-nearest):
+    the whole load, side by side with its parts: the integrity checks (the checksum of every
+    tensor and of the metadata, the value checks) and building the architecture with its
+    tensors left uninitialised (what the load does) or randomly initialised."""
+    import tempfile
+
+    import fastquant
+    from fastquant import serialize
+    from fastquant.models import build_model, load_model
+    from safetensors.torch import load_file
+
+    records = []
+    print("\n| model | file MB | load ms | integrity checks ms | build, uninitialised ms | build, random init ms |"
+          "\n|---|---|---|---|---|---|")
+    name = "dinov2-s14-fmnist"
+    model, _, spec = load_model(name)
+    calib = torch.rand(8, 3, spec.img_size, spec.img_size)
+    q = fastquant.quantize(model, calib, fastquant.QuantConfig(method="rtn", w_bits=4, a_bits=8), progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "q.safetensors"
+        fastquant.save(q, path)
+        meta, sd = serialize.read_metadata(path), load_file(str(path))
+
+        def checks():
+            serialize._verify(path, serialize._saved_checksums(path, meta), sd)
+
+        timed = median_ms({"load": lambda: fastquant.load(path), "checks": checks,
+                           "empty": lambda: build_model(spec, weights=False, empty=True),
+                           "init": lambda: build_model(spec, weights=False)}, args.reps)
+        mb = path.stat().st_size / 2**20
+    ms = {k: v[0] for k, v in timed.items()}
+    records.append({"name": "load", "model": name, "w_bits": 4, "a_bits": 8, "file_mib": round(mb, 2),
+                    "load_ms": ms["load"], "checks_ms": ms["checks"], "build_empty_ms": ms["empty"],
+                    "build_random_init_ms": ms["init"], "runs": timed["load"][1],
+                    "threads": torch.get_num_threads(), **env})
+    print(f"| {name} W4A8 | {mb:.2f} | {ms['load']:.1f} | {ms['checks']:.1f} | {ms['empty']:.1f} | "
+          f"{ms['init']:.1f} |", flush=True)
+    return records
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", type=Path, help="where to save the records (default bench/results/run_<device>.json)")
-    p.add_argument("--sections", default="e2e,kernels")
+    p.add_argument("--sections", default="e2e,kernels",
+                   help="comma-separated: e2e, kernels, recon (in kernels), load (fastquant.load's time)")
     p.add_argument("--models", default="dinov2-s14-fmnist,vit_base_patch16_224")
     p.add_argument("--batches", default="1,8,64")
     p.add_argument("--reps", type=int, default=10, help="timed runs per measurement")
@@ -587,9 +629,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.shapes = SMOKE_SHAPES if args.smoke else SHAPES
     sections = args.sections.split(",")
-    unknown = set(sections) - {"e2e", "kernels", "recon"}
+    unknown = set(sections) - {"e2e", "kernels", "recon", "load"}
     if unknown:
-        p.error(f"unknown section(s): {', '.join(sorted(unknown))} (choose from e2e, kernels, recon)")
+        p.error(f"unknown section(s): {', '.join(sorted(unknown))} (choose from e2e, kernels, recon, load)")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -615,6 +657,8 @@ def main(argv=None):
         done += bench_kernels(args, device, env, save)
     elif "recon" in sections:  # the kernels section includes it
         done += bench_recon_step(args, device, env)
+    if "load" in sections:
+        done += bench_load(args, device, env)
     save([])
     print(f"\nsaved {out}")
 

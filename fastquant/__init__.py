@@ -7,7 +7,8 @@ checks it): ``cli`` -> the API (``api``, ``config``, ``serialize``) -> the metho
 (``calib``, ``recon``, ``deploy``, which never import each other) -> ``adapters`` (timm's
 ViT structure) -> ``nn`` (quantized and deployed modules) -> ``backends`` (the only importer
 of the kernels and extensions) -> ``ops`` (each op with its PyTorch twin) -> ``quant``
-(quantizers). ``models``, ``data`` and ``evaluate`` serve the API and the CLI only.
+(quantizers) -> the foundation (errors, settings, the per-model record, input checks,
+atomic file writes). ``models``, ``data`` and ``evaluate`` serve the API and the CLI only.
 """
 from .api import convert, load, quantize, save
 from .config import QuantConfig

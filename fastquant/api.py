@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from typing import Iterable, Union
 
 import torch
 from torch import nn
 
+from .adapters import expected_input, has_attention
 from .calib import calibrate, prepare
 from .config import QuantConfig
 from .deploy import convert
@@ -33,6 +35,8 @@ __all__ = ["quantize", "convert", "save", "load", "CalibData"]
 def _iter_batches(data: CalibData, batch_size: int):
     """Calibration batches as tensors; accepts a tensor, or batches / (x, y) tuples."""
     if isinstance(data, torch.Tensor):
+        if data.dim() == 0:
+            raise FastquantError("calibration images must be a [N, C, H, W] tensor, got a 0-d tensor")
         if data.numel() == 0 or len(data) == 0:
             raise FastquantError("calibration set is empty")
         for i in range(0, len(data), batch_size):
@@ -49,6 +53,25 @@ def _iter_batches(data: CalibData, batch_size: int):
         raise FastquantError("calibration set is empty")
 
 
+def _fit(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Calibration images as the model takes them: its channels and size (FastquantError
+    naming what was expected), on its device and in its floating-point type."""
+    channels, size = expected_input(model)
+    if channels is not None and x.shape[1] != channels:
+        if x.shape[-1] == channels:
+            raise FastquantError(f"calibration images look channels-last ({list(x.shape)}); fastquant takes "
+                                 f"[N, C, H, W]: use images.permute(0, 3, 1, 2)")
+        raise FastquantError(f"calibration images must have {channels} channels for this model, got "
+                             f"{x.shape[1]} (shape {list(x.shape)}, [N, C, H, W])")
+    if size is not None and tuple(x.shape[2:]) != size:
+        raise FastquantError(f"calibration images must be {size[0]}x{size[1]} for this model, got "
+                             f"{x.shape[2]}x{x.shape[3]}")
+    param = next(model.parameters(), None)
+    if param is not None and param.is_floating_point():
+        x = x.to(device=param.device, dtype=param.dtype)
+    return x
+
+
 def quantize(model: nn.Module, calib_data: CalibData, config: QuantConfig | None = None, *, inplace: bool = False,
              progress: bool = True, recon: ReconConfig | None = None, state_dir=None,
              resume: bool = False) -> nn.Module:
@@ -63,6 +86,8 @@ def quantize(model: nn.Module, calib_data: CalibData, config: QuantConfig | None
     Returns the quantized model (a copy unless ``inplace``); its modules hold float
     weights and quantizer state, and ``fastquant.save`` stores integer weights.
     """
+    if not isinstance(model, nn.Module):
+        raise FastquantError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     cfg = config or QuantConfig()
     if not isinstance(cfg, QuantConfig):
         raise FastquantError(f"config must be a fastquant.QuantConfig, got {type(cfg).__name__}")
@@ -72,7 +97,10 @@ def quantize(model: nn.Module, calib_data: CalibData, config: QuantConfig | None
         if not isinstance(recon, ReconConfig):
             raise FastquantError(f"recon must be a fastquant.recon.ReconConfig, got {type(recon).__name__}")
         recon = dataclasses.replace(recon, method=cfg.method).check_options_apply()
-    batches = [check_images(x) for x in _iter_batches(calib_data, cfg.calib_batch_size)]
+    batches = [_fit(model, check_images(x)) for x in _iter_batches(calib_data, cfg.calib_batch_size)]
+    if not has_attention(model):
+        warnings.warn(f"{type(model).__name__} has no timm attention module: only its Linear and Conv2d "
+                      "layers are quantized (fastquant is made for Vision Transformers)", stacklevel=2)
     spec = cfg.calib_spec()
     fp_model = model
     if inplace and cfg.reconstructs:

@@ -8,15 +8,17 @@ import argparse
 import ast
 import copy
 import json
-import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
 
 from .config import CALIB_PRESETS
 from .errors import FastquantError
+from .files import atomic_write_text, check_writable, check_writable_folder
 from .recon import method_names as recon_methods
 
 # Reconstruction presets (--budget): calibration images and steps per unit; each method's
@@ -131,18 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_out_path(path: Path | None, what: str):
+    """Before any work: the folder exists and takes a new file, the path is not a folder."""
     if path is not None:
-        parent = path.resolve().parent
-        if not parent.is_dir():
-            raise FastquantError(f"{what} folder {parent} does not exist")
-        if path.is_dir():
-            raise FastquantError(f"{what} {path} is a folder")
+        check_writable(path, what)
 
 
 def _write_json(path: Path, obj: dict):
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _commit() -> str | None:
@@ -152,6 +149,22 @@ def _commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+def _check_classes(test, spec):
+    """Warn when the data's classes cannot be the model head's (top-1 compares label indices)."""
+    classes = getattr(test, "classes", None)
+    if classes is not None and len(classes) != spec.num_classes:
+        warnings.warn(f"the data has {len(classes)} classes and the model's head {spec.num_classes}: top-1 compares "
+                      "class indices (sorted folder names), which then do not match the head's classes", stacklevel=2)
+
+
+def _eval_size(asked: int | None, test) -> int:
+    """The number of test images to evaluate: all by default; more than there are is capped, said."""
+    if asked is not None and asked > len(test):
+        warnings.warn(f"--eval-size {asked}: the test set has {len(test)} images; evaluating all of them",
+                      stacklevel=2)
+    return min(asked or len(test), len(test))
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -189,8 +202,8 @@ def cmd_quantize(args) -> dict:
         resolve_backend(args.deploy, torch.device("cuda" if args.deploy in ("triton", "cuda") else "cpu"))
     if args.resume and args.state_dir is None:
         raise FastquantError("--resume needs --state-dir (the folder of the run to continue)")
-    if args.state_dir is not None and args.state_dir.exists() and not args.state_dir.is_dir():
-        raise FastquantError(f"--state-dir {args.state_dir} is a file")
+    if args.state_dir is not None:
+        check_writable_folder(args.state_dir, "--state-dir")
     if args.state_dir is not None and not args.resume and (args.state_dir / STATE_FILE).exists():
         raise FastquantError(f"{args.state_dir / STATE_FILE} already holds a reconstruction state: "
                              "add --resume to continue it, or choose another --state-dir")
@@ -212,14 +225,13 @@ def cmd_quantize(args) -> dict:
     test = load_dataset(args.data, "test", dcfg)
     idx = calibration_indices(len(train), calib_size, args.seed)
     calib = check_images(stack(train, idx)[0])
-    eval_size = min(args.eval_size or len(test), len(test))
+    _check_classes(test, spec)
+    eval_size = _eval_size(args.eval_size, test)
     fp = evaluate(model, test, eval_size, args.batch_size, desc="eval fp32")
     t1 = time.time()
     qmodel = quantize(model, calib, cfg, recon=rcfg, state_dir=args.state_dir, resume=args.resume)
     t_quant = time.time() - t1
     record = record_of(qmodel).recon
-    if args.plot:
-        plot_losses(record, args.plot)
     q = evaluate(qmodel, test, eval_size, args.batch_size, desc=f"eval W{cfg.w_bits}A{cfg.a_bits}")
     deployed = None
     if args.deploy:
@@ -230,8 +242,13 @@ def cmd_quantize(args) -> dict:
         deployed = evaluate(dmodel, test, eval_size, args.batch_size, desc=f"eval deployed ({args.deploy})")
         qmodel = dmodel
     deploy_report = record_of(qmodel).deploy
-    if args.out:
+    if args.out:  # the most expensive result first; the JSON (main) and the plot come after it
         save(qmodel, args.out)
+    if args.plot:
+        try:
+            plot_losses(record, args.plot)
+        except (OSError, FastquantError) as exc:
+            warnings.warn(f"the loss plot {args.plot} was not written ({exc})", stacklevel=1)
     result = {
         "model": spec.name, "data": args.data, "method": cfg.method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
         "fp_top1": round(fp, 2), "q_top1": round(q, 2), "drop": round(fp - q, 2),
@@ -290,26 +307,26 @@ def cmd_eval(args) -> dict:
     from .data import load_dataset
     from .evaluate import evaluate
     from .models import build_model, load_model
-    from .serialize import read_metadata
+    from .serialize import read_config, read_metadata
 
     t0 = time.time()
     _check_out_path(args.json, "--json")
     if args.quantized:
-        meta = read_metadata(args.quantized)
-        from .models import ModelSpec
-
-        spec = ModelSpec.from_json(meta["model"])
+        if args.checkpoint is not None:
+            raise FastquantError("--checkpoint: the weights come from --quantized")
+        _, spec = read_config(args.quantized, read_metadata(args.quantized))
         if args.model not in (None, spec.name):
             raise FastquantError(f"{args.quantized} holds {spec.name}, not {args.model}")
         model = load(args.quantized)
-        _, dcfg = build_model(spec, weights=False)
+        _, dcfg = build_model(spec, weights=False, empty=True)
         qcfg = record_of(model).config
         label = f"{qcfg.method} W{qcfg.w_bits}A{qcfg.a_bits}"
     else:
         model, dcfg, spec = load_model(args.model or "dinov2-s14-fmnist", args.checkpoint, args.img_size)
         label = "fp32"
     test = load_dataset(args.data, "test", dcfg)
-    eval_size = min(args.eval_size or len(test), len(test))
+    _check_classes(test, spec)
+    eval_size = _eval_size(args.eval_size, test)
     top1 = evaluate(model, test, eval_size, args.batch_size, desc=f"eval {label}")
     result = {"model": spec.name, "data": args.data, "quantized": str(args.quantized) if args.quantized else None,
               "top1": round(top1, 2), "eval_size": eval_size, "seconds": round(time.time() - t0, 1),
@@ -319,7 +336,23 @@ def cmd_eval(args) -> dict:
     return result
 
 
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line (one line on stderr and exit code 2 for a user's mistake). SIGTERM
+    ends a run as SIGINT does: through the exception path, so that no partial file stays."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    try:
+        return _main(argv)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv == ["quantize"]:
         argv = ["quantize"] + EMBEDDED_DEFAULT
@@ -335,14 +368,23 @@ def main(argv: list[str] | None = None) -> int:
 
             torch.set_num_threads(args.threads)
         result = cmd_quantize(args) if args.command == "quantize" else cmd_eval(args)
-        if args.json:
-            _write_json(args.json, result)
     except FastquantError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except SystemExit as exc:  # SIGTERM, turned into an exception so that partial files are removed
+        if exc.code == 128 + signal.SIGTERM:
+            print("terminated", file=sys.stderr)
+        raise
+    if args.json:
+        try:
+            _write_json(args.json, result)
+        except (OSError, FastquantError) as exc:
+            kept = f" (the model was saved to {args.out})" if getattr(args, "out", None) else ""
+            print(f"error: the JSON result {args.json} was not written ({exc}){kept}", file=sys.stderr)
+            return 1
     return 0
 
 

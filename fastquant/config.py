@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 
 from .calib import CALIB_FIELDS, PRESETS, SOFTMAX_QUANTIZERS, WEIGHT_ROUNDING, CalibSpec, auto_softmax
@@ -74,8 +75,18 @@ class QuantConfig:
     percentile: float = 99.99
 
     def __post_init__(self):
-        if self.method not in methods():
+        if not isinstance(self.method, str) or self.method not in methods():
             raise FastquantError(f"unknown method {self.method!r} (choose from {', '.join(methods())})")
+        for name in ("per_token", "qk_per_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise FastquantError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("reparam", "output_aware", "bias_correct"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise FastquantError(f"{name} must be True, False or None (the method's default), "
+                                     f"got {getattr(self, name)!r}")
+        for name in ("calib", "softmax", "weight_rounding"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise FastquantError(f"{name} must be a name or None (the method's default), got {getattr(self, name)!r}")
         check_bits(self.w_bits, "w_bits")
         check_bits(self.a_bits, "a_bits")
         check_bits(self.patch_embed_a_bits, "patch_embed_a_bits")
@@ -88,10 +99,12 @@ class QuantConfig:
             raise FastquantError(f"unknown softmax quantizer {self.softmax!r} (choose from {', '.join(SOFTMAX_QUANTIZERS)})")
         if self.weight_rounding is not None and self.weight_rounding not in WEIGHT_ROUNDING:
             raise FastquantError(f"unknown weight rounding {self.weight_rounding!r} (choose from {', '.join(WEIGHT_ROUNDING)})")
-        if not isinstance(self.calib_batch_size, int) or self.calib_batch_size < 1:
+        if (isinstance(self.calib_batch_size, bool) or not isinstance(self.calib_batch_size, int)
+                or self.calib_batch_size < 1):
             raise FastquantError(f"calib_batch_size must be a positive integer, got {self.calib_batch_size!r}")
-        if not 50.0 < self.percentile <= 100.0:
-            raise FastquantError(f"percentile must be in (50, 100], got {self.percentile!r}")
+        p = self.percentile
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 50.0 < p <= 100.0:
+            raise FastquantError(f"percentile must be a number in (50, 100], got {p!r}")
 
     def resolved(self, key: str):
         """The value of a method-dependent field (calib, softmax, reparam, output_aware,
@@ -120,7 +133,12 @@ class QuantConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "QuantConfig":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except (TypeError, ValueError):
+            raise FastquantError("a QuantConfig must be a JSON object") from None
+        if not isinstance(data, dict):
+            raise FastquantError("a QuantConfig must be a JSON object")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:

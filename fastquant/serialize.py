@@ -12,9 +12,17 @@ model, dequantizes the codes and gives logits equal to the saved model's.
 A deployed model (``fastquant.convert``) is saved the same way, its integer layers as the
 codes and quantizer state they were made from, with the backend in the metadata;
 loading converts it again, giving the same integer layers.
+
+Integrity: the metadata key ``sha256`` holds a checksum of every tensor (its bytes, shape
+and dtype) and of the metadata fastquant reads; ``load`` refuses a file whose content does
+not match, naming the tensor, and a file whose values no quantizer can hold (NaN or Inf,
+a step that is not positive, codes or zero points outside the bit range). Saving writes a
+temporary file beside the target and renames it (``fastquant.files.atomic_write``).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -25,6 +33,7 @@ from .calib import plan_for, swap_modules
 from .config import QuantConfig
 from .deploy import convert
 from .errors import FastquantError
+from .files import atomic_write, check_writable
 from .models import ModelSpec, build_model
 from .nn import Int8Linear, QuantConv2d, QuantLinear
 from .ops.int8_linear import pack_int4, unpack_int4
@@ -32,6 +41,9 @@ from .quant import quantizers_in, set_mode
 from .record import record_of
 
 FORMAT = "fastquant-fakequant-v1"
+CHECKSUMS = "sha256"  # metadata key: {tensor name: checksum, METADATA: checksum of the metadata read}
+METADATA = "__metadata__"
+METADATA_KEYS = ("format", "config", "model", "deploy")
 
 
 def _quant_layers(model: nn.Module):
@@ -82,23 +94,69 @@ def save(qmodel: nn.Module, path: str | os.PathLike) -> Path:
     meta = {"format": FORMAT, "config": cfg.to_json(), "model": spec.to_json()}
     if record.deploy is not None:
         meta["deploy"] = record.deploy.backend
-    path = Path(path)
-    if path.parent and not path.parent.is_dir():
-        raise FastquantError(f"output folder {path.parent} does not exist")
-    tmp = path.with_name(path.name + ".partial")
+    meta[CHECKSUMS] = json.dumps({**tensor_checksums(sd), METADATA: metadata_checksum(meta)}, sort_keys=True)
+    path = check_writable(path, "save()")
+    return atomic_write(path, lambda tmp: save_file(sd, str(tmp), metadata=meta))
+
+
+def tensor_checksums(tensors: dict) -> dict:
+    """{name: the first 16 hex digits of the SHA-256 of the tensor's bytes, shape and dtype}."""
+    out = {}
+    for name, t in tensors.items():
+        h = hashlib.sha256(f"{tuple(t.shape)}{t.dtype}".encode())
+        t = t.detach().contiguous().cpu()
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        out[name] = h.hexdigest()[:16]
+    return out
+
+
+def metadata_checksum(meta: dict) -> str:
+    """The first 16 hex digits of the SHA-256 of the metadata fastquant reads."""
+    text = json.dumps({k: meta.get(k) for k in METADATA_KEYS}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _saved_checksums(path: Path, meta: dict) -> dict | None:
+    """The checksums a file carries (files from version 0.1.0 on; None for older ones), once
+    the metadata they cover is found intact."""
+    if CHECKSUMS not in meta:
+        return None
     try:
-        save_file(sd, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+        saved = json.loads(meta[CHECKSUMS])
+    except ValueError:
+        saved = None
+    if not isinstance(saved, dict) or not all(isinstance(v, str) for v in saved.values()):
+        raise FastquantError(f"{path} has corrupted metadata (its checksums are not a JSON mapping)")
+    if saved.get(METADATA) != metadata_checksum(meta):
+        raise FastquantError(f"{path} has corrupted metadata: it does not match its checksum")
+    return {k: v for k, v in saved.items() if k != METADATA}
+
+
+def _verify(path: Path, saved: dict | None, sd: dict):
+    """Refuse a file whose tensors are not the ones saved (``saved``: their checksums) or hold
+    values no quantizer can have."""
+    if saved is not None:
+        if set(saved) != set(sd):
+            raise FastquantError(f"{path} is corrupted: its tensors are not the ones its checksums list")
+        now = tensor_checksums(sd)
+        bad = sorted(name for name in sd if now[name] != saved[name])
+        if bad:
+            raise FastquantError(f"{path} is corrupted: tensor {bad[0]} does not match its checksum"
+                                 + (f" ({len(bad) - 1} more)" if len(bad) > 1 else ""))
+    for name, t in sd.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise FastquantError(f"{path} is corrupted: tensor {name} holds NaN or Inf")
+        if name.endswith(".scale") and t.numel() and not (t > 0).all():
+            raise FastquantError(f"{path} is corrupted: quantizer step {name} is not positive")
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise FastquantError(f"quantized model {path} is a folder, not a file")
     if not path.is_file():
         raise FastquantError(f"quantized model {path} does not exist")
     try:
@@ -111,20 +169,30 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
+def read_config(path: Path, meta: dict) -> tuple:
+    """(QuantConfig, ModelSpec) from a saved model's metadata, or FastquantError naming the file."""
+    try:
+        return QuantConfig.from_json(meta["config"]), ModelSpec.from_json(meta["model"])
+    except FastquantError as exc:
+        raise FastquantError(f"{path} has corrupted metadata ({exc})") from None
+    except (KeyError, ValueError, TypeError) as exc:
+        raise FastquantError(f"{path} has corrupted metadata ({type(exc).__name__}: {exc})") from None
+
+
 def load(path: str | os.PathLike) -> nn.Module:
     """Rebuild a model written by ``save``: quantized, in eval mode."""
     from safetensors.torch import load_file
 
+    path = Path(path)
     meta = read_metadata(path)
+    checksums = _saved_checksums(path, meta)
+    cfg, spec = read_config(path, meta)
     try:
-        cfg = QuantConfig.from_json(meta["config"])
-        spec = ModelSpec.from_json(meta["model"])
         sd = load_file(str(path))
-    except (KeyError, ValueError, TypeError) as exc:
-        raise FastquantError(f"{path} has corrupted metadata ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for bad data
         raise FastquantError(f"{path} is corrupted ({type(exc).__name__})") from None
-    model, _ = build_model(spec, weights=False)
+    _verify(path, checksums, sd)
+    model, _ = build_model(spec, weights=False, empty=True)  # every tensor is loaded below
     # Saved models are already reparameterised: every input quantizer is per tensor.
     swap_modules(model, cfg.calib_spec(), plan_for(model))
     with torch.no_grad():
@@ -136,6 +204,10 @@ def load(path: str | os.PathLike) -> nn.Module:
             zp = sd.get(f"{name}.weight_quant.zero_point")
             if scale is None or zp is None or codes.shape != m.weight.shape:
                 raise FastquantError(f"{path} does not fit {spec.name}: layer {name}")
+            qmax = m.weight_quant.qmax
+            if codes.numel() and int(codes.max()) > qmax or ((zp < 0) | (zp > qmax) | (zp != zp.round())).any():
+                raise FastquantError(f"{path} is corrupted: layer {name} has codes or zero points outside "
+                                     f"0..{qmax} ({m.weight_quant.bits} bits)")
             sd[f"{name}.weight"] = ((codes.float() - zp) * scale).to(m.weight.dtype)
             if f"{name}.bias" in sd and m.bias is None:
                 m.bias = nn.Parameter(torch.zeros_like(sd[f"{name}.bias"]))

@@ -6,7 +6,7 @@ Rules (fastquant/__init__.py's docstring says the same):
 1. layers, from the top: ``cli`` -> the API (``fastquant``, ``api``, ``config``, ``serialize``)
    -> ``models``, ``data``, ``evaluate`` -> the methods (``calib``, ``recon``, ``deploy``) ->
    ``adapters`` -> ``nn`` -> ``backends`` -> ``ops`` -> ``quant`` -> the foundation
-   (``errors``, ``settings``, ``record``, ``validate``, ``_compat``); a module imports only
+   (``errors``, ``settings``, ``record``, ``validate``, ``files``, ``_compat``); a module imports only
    its own layer and the ones below;
 2. ``calib``, ``recon`` and ``deploy`` never import each other;
 3. ``kernels/`` (``fastquant.kernels``) imports nothing of fastquant but itself, and only
@@ -37,7 +37,7 @@ LAYERS = [
     ("ops", ["fastquant.ops"]),
     ("quant", ["fastquant.quant"]),
     ("foundation", ["fastquant.errors", "fastquant.settings", "fastquant.record", "fastquant.validate",
-                    "fastquant._compat"]),
+                    "fastquant.files", "fastquant._compat"]),
 ]
 INDEPENDENT = ["fastquant.calib", "fastquant.recon", "fastquant.deploy"]
 KERNELS = "fastquant.kernels"

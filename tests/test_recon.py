@@ -217,6 +217,49 @@ def test_methods_are_configurations(w4a4):
         assert mgrq.complete and all(u.mse_after < u.mse_before and u.history[0] == 3.0 for u in mgrq.units)
 
 
+def test_float_parameters_train_only_when_asked(w4a4):
+    """lr_bias / lr_norm train the unit's Linear biases / LayerNorm affine, nothing else;
+    at 0 (the default) they stay as calibrated."""
+    model, q0, calib = w4a4
+
+    def floats(q, block):
+        b = q.blocks[block]
+        return {"bias": torch.cat([m.bias for m in b.modules() if isinstance(m, QuantLinear)]),
+                "norm": torch.cat([b.norm1.weight, b.norm1.bias, b.norm2.weight, b.norm2.bias])}
+
+    q = copy.deepcopy(q0)
+    recon.run_method(model, q, calib, "qdrop", fast(), progress=False, max_units=1)
+    assert all(torch.equal(v, floats(q0, 0)[k]) for k, v in floats(q, 0).items())
+    for kw, moved in ((dict(lr_bias=1e-2), "bias"), (dict(lr_norm=1e-2), "norm")):
+        q = copy.deepcopy(q0)
+        recon.run_method(model, q, calib, "qdrop", fast(**kw), progress=False, max_units=1)
+        now, before = floats(q, 0), floats(q0, 0)
+        assert not torch.equal(now[moved], before[moved])
+        assert all(torch.equal(now[k], before[k]) for k in now if k != moved)
+        assert all(torch.equal(v, floats(q0, 1)[k]) for k, v in floats(q, 1).items())  # block 1 not trained
+
+
+def test_schedules_of_lr_and_qdrop(w4a4):
+    from fastquant.recon.engine import qdrop_at
+
+    cfg = fast(iters=10, qdrop_schedule="linear")
+    assert [qdrop_at(cfg, 0.5, it) for it in (0, 5, 9)] == [0.5, 0.25, pytest.approx(0.05)]
+    assert qdrop_at(fast(iters=10), 0.5, 9) == 0.5
+    for bad in (dict(lr_schedule="step"), dict(qdrop_schedule="cosine")):
+        with pytest.raises(fastquant.FastquantError, match="must be one of"):
+            fast(**bad)
+    model, q0, calib = w4a4
+    runs = {}
+    for name, kw in (("default", {}), ("constant", dict(lr_schedule="constant", qdrop_schedule="constant")),
+                     ("cosine", dict(lr_schedule="cosine", lr_act=1e-2)), ("plain", dict(lr_act=1e-2)),
+                     ("linear", dict(qdrop_schedule="linear"))):
+        q = copy.deepcopy(q0)
+        runs[name] = recon.run_method(model, q, calib, "qdrop", fast(**kw), progress=False, max_units=1).units[0]
+    assert runs["default"].history == runs["constant"].history
+    assert runs["cosine"].history != runs["plain"].history
+    assert runs["linear"].history != runs["default"].history
+
+
 def test_resume_gives_the_uninterrupted_result(w4a4, tmp_path):
     model, q0, calib = w4a4
     cfg = fast(iters=5, stop_at=1)

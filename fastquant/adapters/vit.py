@@ -276,3 +276,25 @@ def layernorm_consumers(model: nn.Module, x: torch.Tensor) -> dict:
     for ln, lin, cmap in (declared() if callable(declared) else []):
         found.setdefault(ln, []).append((lin, cmap))
     return found
+
+
+def expected_input(model: nn.Module) -> tuple[Optional[int], Optional[tuple[int, int]]]:
+    """(channels, (height, width)) the model takes, as far as its first convolution (a ViT's
+    patch embedding) says: the size only when the patch embedding insists on one (timm's
+    ``strict_img_size`` without ``dynamic_img_size``); (None, None) without a convolution."""
+    for m in model.modules():
+        if isinstance(m, PatchEmbed) and isinstance(getattr(m, "proj", None), nn.Conv2d):
+            size = tuple(m.img_size) if getattr(m, "strict_img_size", False) and m.img_size is not None \
+                and not getattr(m, "dynamic_img_size", False) else None
+            return m.proj.in_channels, size
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return (conv.in_channels if conv is not None else None), None
+
+
+def has_attention(model: nn.Module) -> bool:
+    """Whether the model holds an attention module fastquant quantizes (timm's ``Attention``
+    or Swin's ``WindowAttention``, plain or already quantized)."""
+    from timm.layers.attention import Attention
+    from timm.models.swin_transformer import WindowAttention
+
+    return any(isinstance(m, (Attention, WindowAttention)) for m in model.modules())

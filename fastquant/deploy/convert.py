@@ -88,6 +88,9 @@ def convert(qmodel: nn.Module, backend: str = "auto", *, inplace: bool = False) 
     record = record_of(qmodel)
     if record is None or record.config is None:
         raise FastquantError("convert() needs a model returned by fastquant.quantize or fastquant.load")
+    if record.deploy is not None:
+        raise FastquantError(f"this model is already deployed (backend {record.deploy.backend}): convert the "
+                             "fake-quantized model it came from")
     param = next(qmodel.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     backend = resolve_backend(backend, device)

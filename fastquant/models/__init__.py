@@ -43,12 +43,35 @@ class ModelSpec:
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
+    def __post_init__(self):
+        def integer(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not isinstance(self.name, str) or not self.name:
+            raise FastquantError(f"a model spec needs a model name, got {self.name!r}")
+        if not integer(self.img_size) or self.img_size < 0:
+            raise FastquantError(f"a model spec's img_size must be a non-negative integer, got {self.img_size!r}")
+        if not integer(self.num_classes) or self.num_classes < 1:
+            raise FastquantError(f"a model spec's num_classes must be a positive integer, got {self.num_classes!r}")
+        if self.checkpoint is not None and not isinstance(self.checkpoint, str):
+            raise FastquantError(f"a model spec's checkpoint must be a path or None, got {self.checkpoint!r}")
+
     @classmethod
     def from_json(cls, text: str) -> "ModelSpec":
-        return cls(**json.loads(text))
+        try:
+            data = json.loads(text)
+        except (TypeError, ValueError):
+            raise FastquantError("a model spec must be a JSON object") from None
+        names = {"name", "img_size", "num_classes", "checkpoint"}
+        if not isinstance(data, dict) or not {"name", "img_size", "num_classes"} <= set(data) <= names:
+            raise FastquantError(f"a model spec needs the fields name, img_size, num_classes (and checkpoint), "
+                                 f"got {sorted(data) if isinstance(data, dict) else type(data).__name__}")
+        return cls(**data)
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.is_dir():
+        raise FastquantError(f"checkpoint {path} is a folder, not a file")
     if not path.is_file():
         raise FastquantError(f"checkpoint {path} does not exist")
     try:
@@ -113,8 +136,15 @@ def _vit_tiny(weights: bool) -> nn.Module:
     return model.eval()
 
 
-def build_model(spec: ModelSpec, weights: bool = True) -> tuple[nn.Module, DataConfig]:
-    """The model and the input it expects. ``weights=False`` builds the architecture only."""
+def build_model(spec: ModelSpec, weights: bool = True, *, empty: bool = False) -> tuple[nn.Module, DataConfig]:
+    """The model and the input it expects. ``weights=False`` builds the architecture only,
+    randomly initialised; ``empty=True`` builds it with its tensors allocated and not
+    initialised, for a caller that loads every one of them (``load_state_dict(strict=True)``):
+    no time spent on random initialisation (0.11 s of 0.17 s for dinov2-s14-fmnist on one
+    CPU thread). Models with non-persistent buffers (computed at construction, absent from
+    a state dict: Swin's relative position index) are built the ordinary way."""
+    if empty:
+        return _build_empty(spec)
     if spec.name == "dinov2-s14-fmnist":
         return _dinov2(spec.img_size, weights), DataConfig(img_size=spec.img_size)
     if spec.name == "vit-tiny-fmnist":
@@ -140,10 +170,25 @@ def build_model(spec: ModelSpec, weights: bool = True) -> tuple[nn.Module, DataC
                                     interpolation=dc.get("interpolation", "bicubic"), crop_pct=dc.get("crop_pct", 0.875))
 
 
+def _build_empty(spec: ModelSpec) -> tuple[nn.Module, DataConfig]:
+    try:
+        with torch.device("meta"):
+            model, cfg = build_model(spec, weights=False)
+    except FastquantError:
+        raise
+    except Exception:  # noqa: BLE001 - a constructor that cannot run on the meta device
+        return build_model(spec, weights=False)
+    if any(m._non_persistent_buffers_set for m in model.modules()):
+        return build_model(spec, weights=False)
+    return model.to_empty(device="cpu"), cfg
+
+
 def resolve_spec(name: str, checkpoint: Optional[str] = None, img_size: Optional[int] = None) -> ModelSpec:
     """A ModelSpec from CLI-style arguments (reads the checkpoint's classifier size)."""
     if img_size is not None and (not isinstance(img_size, int) or img_size < 8):
         raise FastquantError(f"--img-size must be an integer of at least 8, got {img_size!r}")
+    if name in BUILTIN and checkpoint is not None:
+        raise FastquantError(f"--checkpoint is for timm models: {name} brings its own weights")
     if name == "dinov2-s14-fmnist":
         return ModelSpec(name, img_size or 112, 10)
     if name == "vit-tiny-fmnist":

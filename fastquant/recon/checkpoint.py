@@ -20,9 +20,13 @@ from torch import nn
 
 from ..adapters import find_vit
 from ..errors import FastquantError
+from ..files import atomic_write
 from ..record import record_of
 
 FORMAT = "fastquant-recon-state-v1"
+# The fields of a unit's record (fastquant.recon.engine.UnitRecord), as saved.
+UNIT_FIELDS = {"level", "index", "name", "iters", "loss_first", "loss_last", "round_reg_last", "mse_before",
+               "mse_after", "seconds", "history"}
 STATE_FILE = "recon_state.pt"
 
 
@@ -61,9 +65,11 @@ class Checkpoint:
         self.path = self.dir / STATE_FILE
         self.fingerprint = fprint
 
-    def open(self, resume: bool) -> dict | None:
+    def open(self, resume: bool, units: int) -> dict | None:
         """The saved state to resume from (None: start afresh). Checks before anything is
-        written: an existing state needs ``resume``, and must come from the same run."""
+        written: an existing state needs ``resume``, must come from the same run (the
+        fingerprint), must be intact (its checksum) and well formed (``units``: the length of
+        the flattened schedule)."""
         if self.dir.exists() and not self.dir.is_dir():
             raise FastquantError(f"state dir {self.dir} is a file")
         if not self.dir.parent.is_dir():
@@ -80,29 +86,53 @@ class Checkpoint:
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise FastquantError(f"{self.path} is not a fastquant reconstruction state")
         saved = payload.get("fingerprint", {})
+        if not isinstance(saved, dict):
+            raise FastquantError(f"{self.path} is corrupted: its fingerprint is not a mapping")
         differ = sorted(k for k in set(saved) | set(self.fingerprint) if saved.get(k) != self.fingerprint.get(k))
         if differ:
             raise FastquantError(f"{self.path} was saved by a different run (different {', '.join(differ)}); "
                                  "nothing was changed: use the same model and settings, or another state dir")
+        self._check_payload(payload, units)
         return payload
 
+    def _check_payload(self, payload: dict, units: int):
+        """The fields a resume reads: intact (checksum), of the right types and in range."""
+        state, done, record = payload.get("state_dict"), payload.get("done"), payload.get("record")
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise FastquantError(f"{self.path} is corrupted: no model state in it")
+        if payload.get("checksum") != state_checksum(state, done, record):
+            raise FastquantError(f"{self.path} is corrupted: its content does not match its checksum")
+        if isinstance(done, bool) or not isinstance(done, int) or not 0 <= done <= units:
+            raise FastquantError(f"{self.path} is corrupted: {done!r} units done, of {units}")
+        saved_units = record.get("units") if isinstance(record, dict) else None
+        if not isinstance(saved_units, list) or len(saved_units) != done:
+            raise FastquantError(f"{self.path} is corrupted: its record does not list the {done} units done")
+        for unit in saved_units:
+            if not isinstance(unit, dict) or set(unit) != UNIT_FIELDS:
+                raise FastquantError(f"{self.path} is corrupted: a unit's record is malformed")
+        for name, t in state.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise FastquantError(f"{self.path} is corrupted: tensor {name} holds NaN or Inf")
+
     def save(self, state_dict: dict, done: int, record: dict):
-        """Write the state after ``done`` units, atomically (write a temporary file, rename)."""
+        """Write the state after ``done`` units, atomically (``fastquant.files.atomic_write``)."""
         self.dir.mkdir(exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in state_dict.items()}
         payload = {
             "format": FORMAT,
             "fingerprint": self.fingerprint,
             "done": done,
             "record": record,
-            "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+            "state_dict": state,
+            "checksum": state_checksum(state, done, record),
         }
-        tmp = self.path.with_name(self.path.name + ".partial")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        atomic_write(self.path, lambda tmp: torch.save(payload, tmp))
+
+
+def state_checksum(state: dict, done, record) -> str:
+    """SHA-256 over the model state (names, shapes, dtypes, bytes), the units done and the record."""
+    h = hashlib.sha256(json.dumps([done, record], sort_keys=True, default=str).encode())
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(tensor_digest([state[name]]).encode())
+    return h.hexdigest()

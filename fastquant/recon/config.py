@@ -23,6 +23,8 @@ from .registry import BASE_DEFAULTS, METHOD_FIELDS, finite, get_method, is_int, 
 GLOBAL_RESTS = ("quant", "float")
 LOCAL_LOSSES = ("moments", "mse")
 MATMUL_DTYPES = ("auto", "float32", "bfloat16")
+LR_SCHEDULES = ("constant", "cosine")
+QDROP_SCHEDULES = ("constant", "linear")
 GRID_MAX_BITS = 4  # widest weight and activation codes that take the bf16 grid product
 # AdaRound's usual learning rate and the iteration count it was tuned for (arXiv 2004.10568, BRECQ, QDrop).
 LR_ROUND, LR_ROUND_ITERS, LR_ROUND_MAX = 1e-3, 20000, 0.1
@@ -38,14 +40,20 @@ class ReconConfig:
     Per unit: ``iters`` Adam steps on batches of ``batch_size`` calibration images
     (drawn without replacement within a batch), rounding variables at ``lr_round``
     (None: ``auto_lr_round(iters)``, 1e-3 at 20,000 steps), activation steps at
-    ``lr_act``. The AdaRound regulariser ``round_weight *
+    ``lr_act``; with ``lr_bias`` > 0 the biases of the unit's Linear layers, with ``lr_norm``
+    > 0 the affine parameters of its LayerNorms, are trained too (plain float parameters,
+    kept as they end; 0: left as calibrated). ``lr_schedule``: ``constant``, or ``cosine``:
+    the learning rates of the activation steps and float parameters fall along a half
+    cosine to 0 at the unit's last step (the rounding variables' stays constant). The AdaRound regulariser ``round_weight *
     sum(1 - |2h - 1|^beta)`` is off for the first ``warmup`` fraction of the steps,
     then beta falls linearly from ``beta[0]`` to ``beta[1]``. Each loss term is divided
     by its value at the first step (of each stage), then weighted by ``w_rec``,
     ``w_global``, ``w_local``.
 
     - ``qdrop_p``: probability that an element of a quantized activation (and of the
-      unit's input) is replaced by its float value while training.
+      unit's input) is replaced by its float value while training; ``qdrop_schedule``:
+      ``constant``, or ``linear``: the probability falls linearly from ``qdrop_p`` at the
+      first step to 0 at the last, so that the unit ends trained on fully quantized inputs.
     - ``w_global``, ``global_rest``, ``global_batch``: the global loss term (MGRQ's) runs
       the unit's output through the rest of the model ``quant``ized (later blocks in their
       current hard state) or in ``float``; it is the KL divergence from the float model's
@@ -86,6 +94,10 @@ class ReconConfig:
     batch_size: int = 32
     lr_round: Optional[float] = None
     lr_act: float = 4e-5
+    lr_bias: float = 0.0
+    lr_norm: float = 0.0
+    lr_schedule: str = "constant"
+    qdrop_schedule: str = "constant"
     round_weight: float = 0.01
     warmup: float = 0.2
     beta: tuple = (20.0, 2.0)
@@ -130,6 +142,10 @@ class ReconConfig:
                 continue
             if not finite(v) or v <= 0:
                 raise FastquantError(f"{name} must be a positive number, got {v!r}")
+        for name in ("lr_bias", "lr_norm"):
+            v = getattr(self, name)
+            if not finite(v) or v < 0:
+                raise FastquantError(f"{name} must be a non-negative number (0: not trained), got {v!r}")
         if not finite(self.round_weight) or self.round_weight < 0:
             raise FastquantError(f"round_weight must be a non-negative number, got {self.round_weight!r}")
         if not finite(self.warmup) or not 0 <= self.warmup < 1:
@@ -161,6 +177,11 @@ class ReconConfig:
             raise FastquantError(f"global_rest must be one of {', '.join(GLOBAL_RESTS)}, got {self.global_rest!r}")
         if self.local_loss not in LOCAL_LOSSES:
             raise FastquantError(f"local_loss must be one of {', '.join(LOCAL_LOSSES)}, got {self.local_loss!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise FastquantError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.qdrop_schedule not in QDROP_SCHEDULES:
+            raise FastquantError(f"qdrop_schedule must be one of {', '.join(QDROP_SCHEDULES)}, "
+                                 f"got {self.qdrop_schedule!r}")
         if self.matmul_dtype not in MATMUL_DTYPES:
             raise FastquantError(f"matmul_dtype must be one of {', '.join(MATMUL_DTYPES)}, got {self.matmul_dtype!r}")
         if not is_int(self.seed):

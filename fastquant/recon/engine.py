@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -127,6 +128,30 @@ def _grid_bits_ok(layer: QuantLinear) -> bool:
     to 2^-5 and QDrop's float elements ``x / s`` (below 2^bits in magnitude) to 2^-4."""
     bits = [getattr(getattr(q, "quantizer", None), "bits", None) for q in (layer.weight_quant, layer.input_quant)]
     return all(b is not None and b <= GRID_MAX_BITS for b in bits)
+
+
+def qdrop_at(cfg: ReconConfig, p: float, it: int) -> float:
+    """QDrop's probability at step ``it`` of a unit (``qdrop_schedule``)."""
+    if cfg.qdrop_schedule == "linear":
+        return p * (1 - it / cfg.iters)
+    return p
+
+
+def _float_params(modules: list[nn.Module], cfg: ReconConfig) -> list[tuple[list, float]]:
+    """The unit's float parameters reconstruction may train, with their learning rates: the
+    biases of its quantized Linear layers (``lr_bias``) and its LayerNorms' affine parameters
+    (``lr_norm``)."""
+    biases, norms, seen = [], [], set()
+    for root in modules:
+        for m in root.modules():
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            if isinstance(m, QuantLinear) and m.bias is not None:
+                biases.append(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                norms += [p for p in (m.weight, m.bias) if p is not None]
+    return [(biases, cfg.lr_bias), (norms, cfg.lr_norm)]
 
 
 class _Stream:
@@ -285,12 +310,15 @@ class _Engine:
         qdrop_p = cfg.resolved("qdrop_p")
         alphas = [w.alpha for _, w in weights]
         scales = [a.scale for a in acts if a.scale is not None]
-        lrs = ((alphas, cfg.resolved("lr_round")), (scales, cfg.lr_act))
-        groups = [{"params": ps, "lr": lr} for ps, lr in lrs if ps]
-        if not groups:
+        if not alphas and not scales:
             raise FastquantError(f"unit {unit.name} has nothing to learn (no quantized layers)")
+        floats = _float_params(unit_modules(model, unit), cfg)
+        lrs = ((alphas, cfg.resolved("lr_round")), (scales, cfg.lr_act), *floats)
+        groups = [{"params": ps, "lr": lr, "initial_lr": lr, "decays": ps is not alphas}
+                  for ps, lr in lrs if ps and lr > 0]
         opt = torch.optim.Adam(groups)
-        for p in alphas + scales:
+        learned = alphas + scales + [p for ps, lr in floats if lr > 0 for p in ps]
+        for p in learned:
             p.requires_grad_(True)
         self.state.mark_trained(unit_modules(model, unit))
         self.state.start_training(weights, acts, gen_drop)
@@ -301,18 +329,27 @@ class _Engine:
         history, norms, reg_last = [], {}, 0.0
         bar = tqdm(range(cfg.iters), desc=label, unit="it", disable=not self.progress, leave=False)
         self.set_grid(True)
+        st = None
         try:
             for it in bar:
+                p_it = qdrop_at(cfg, qdrop_p, it)
                 if it in stage_at:  # each stage normalises its losses afresh
                     norms = {}
                     st = stage_at[it]
-                    self.state.enter_stage(weights, acts, st.float_weights, st.float_acts, qdrop_p)
+                    self.state.enter_stage(weights, acts, st.float_weights, st.float_acts, p_it)
+                elif st is not None and not st.float_acts and p_it != qdrop_at(cfg, qdrop_p, it - 1):
+                    for a in acts:
+                        a.configure(drop_p=p_it)
+                if cfg.lr_schedule == "cosine":
+                    for group in opt.param_groups:
+                        if group["decays"]:
+                            group["lr"] = group["initial_lr"] * 0.5 * (1 + math.cos(math.pi * it / cfg.iters))
                 idx = torch.randperm(n, generator=gen_batch)[:bs]
                 x_q = s.q[idx.to(s.q.device)].to(self.device)
                 x_fp = s.fp[idx.to(s.fp.device)].to(self.device)
                 x_in = x_q
-                if qdrop_p > 0:
-                    keep_float = torch.rand(x_q.shape, generator=gen_drop, device=self.device) < qdrop_p
+                if p_it > 0:
+                    keep_float = torch.rand(x_q.shape, generator=gen_drop, device=self.device) < p_it
                     x_in = torch.where(keep_float, x_fp, x_q)
                 for _, _, term in terms:
                     term.before_forward()
@@ -339,7 +376,7 @@ class _Engine:
             self.set_grid(False)
             for _, _, term in terms:
                 term.close()
-            for p in alphas + scales:
+            for p in learned:
                 p.requires_grad_(False)
                 p.grad = None
             self.state.stop_training(weights, acts)
@@ -395,7 +432,7 @@ def reconstruct(model: nn.Module, levels, calib_images: torch.Tensor, cfg: Recon
     resumed = None
     if state_dir is not None:
         checkpoint = Checkpoint(state_dir, fingerprint(model, fp, cfg, levels, images))
-        resumed = checkpoint.open(resume)
+        resumed = checkpoint.open(resume, sum(len(level) for level in levels))
 
     was_training = [(m, m.training) for m in (model, fp)]
     model.eval()
@@ -412,7 +449,11 @@ def reconstruct(model: nn.Module, levels, calib_images: torch.Tensor, cfg: Recon
     try:
         engine = _Engine(model, fp, levels, images, cfg, progress)
         if resumed is not None:
-            model.load_state_dict(resumed["state_dict"], strict=True)
+            try:
+                model.load_state_dict(resumed["state_dict"], strict=True)
+            except RuntimeError as exc:
+                raise FastquantError(f"the state in {checkpoint.path} does not fit this model: "
+                                     f"{str(exc).splitlines()[0]}") from None
             done = int(resumed["done"])
             for _, _, u in flat[:done]:
                 engine.state.mark_trained(unit_modules(model, u))

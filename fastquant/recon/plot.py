@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from ..errors import FastquantError
+from ..files import atomic_write, check_writable
 
 COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
 
@@ -23,9 +24,7 @@ def plot_losses(record, path: str | os.PathLike, width: int = 1600, height: int 
     units = [u for u in record.units if u.history]
     if not units:
         raise FastquantError("the reconstruction record holds no loss history to plot")
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FastquantError(f"plot folder {path.parent} does not exist")
+    path = check_writable(path, "the loss plot")
     values = [v for u in units for v in u.history if v > 0 and math.isfinite(v)] or [0.1, 1.0]
     lo, hi = math.log10(min(values)), math.log10(max(values))
     hi = hi if hi > lo else lo + 1
@@ -60,5 +59,4 @@ def plot_losses(record, path: str | os.PathLike, width: int = 1600, height: int 
               + ", ".join(f"L{lv}" for lv in levels), fill="black")
     for i, lv in enumerate(levels):
         draw.text((width - right - 40 * (len(levels) - i), 8), f"L{lv}", fill=COLORS[lv % len(COLORS)])
-    img.save(path, format="PNG")
-    return path
+    return atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
