@@ -1,0 +1,98 @@
+"""Where a quantized model loses its accuracy: top-1 with every quantizer on, then with one
+kind of quantizer at a time left in float (the same kind in every block: e.g. the input of
+every ``mlp.fc2``), then (``--per-block``) with one block's activation quantizers in float.
+
+    python bench/error_sources.py --method repq --w-bits 4 --a-bits 4 --eval-size 1000
+
+A row's gain over "all quantized" is what that kind of quantizer costs with the others on.
+Writes bench/results/error_sources_<model>_<method>_w<W>a<A>.json (with the machine and
+commit) and prints a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def kind_of(name: str) -> str:
+    """A quantizer's kind: its module path without the block index (``attn.qkv.input_quant``)."""
+    return re.sub(r"^(blocks|layers\.\d+\.blocks)\.\d+\.", "", name)
+
+
+def main(argv=None):
+    import fastquant
+    from fastquant.data import calibration_indices, load_dataset, stack
+    from fastquant.evaluate import evaluate
+    from fastquant.models import load_model
+    from fastquant.quant import set_mode
+    from fastquant.quant.base import Quantizer
+    from run import commit, device_name, versions
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="dinov2-s14-fmnist")
+    p.add_argument("--method", default="repq", help="a calibration preset (rtn, repq)")
+    p.add_argument("--w-bits", type=int, default=4)
+    p.add_argument("--a-bits", type=int, default=4)
+    p.add_argument("--calib-size", type=int, default=128)
+    p.add_argument("--eval-size", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--per-block", action="store_true", help="also one block's activation quantizers at a time")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model, dcfg, spec = load_model(args.model)
+    train, test = load_dataset("fmnist", "train", dcfg), load_dataset("fmnist", "test", dcfg)
+    calib, _ = stack(train, calibration_indices(len(train), args.calib_size, 0))
+    cfg = fastquant.QuantConfig(method=args.method, w_bits=args.w_bits, a_bits=args.a_bits)
+    q = fastquant.quantize(model, calib, cfg, progress=False)
+    quantizers = {n: m for n, m in q.named_modules() if isinstance(m, Quantizer)}
+    kinds: dict[str, list] = {}
+    for name, qz in quantizers.items():
+        kinds.setdefault(kind_of(name), []).append(qz)
+    n = min(args.eval_size, len(test))
+
+    def top1(float_ones, label):
+        set_mode(quantizers.values(), "quant")
+        set_mode(float_ones, "off")
+        t = time.time()
+        acc = evaluate(q, test, n, args.batch_size, desc=label)
+        print(f"| {label} | {acc:.2f} |", flush=True)
+        return {"row": label, "top1": round(acc, 2), "seconds": round(time.time() - t, 1)}
+
+    print(f"\n{args.model} {args.method} W{args.w_bits}A{args.a_bits}, first {n} test images\n\n"
+          "| in float | top-1 |\n|---|---|")
+    rows = [top1([], "nothing (all quantized)")]
+    weights = [qz for name, qz in quantizers.items() if name.endswith("weight_quant")]
+    rows.append(top1([qz for qz in quantizers.values() if qz not in weights], "every activation"))
+    rows.append(top1(weights, "every weight"))
+    for kind, qzs in sorted(kinds.items()):
+        rows.append(top1(qzs, kind))
+    if args.per_block:
+        for b in range(len(getattr(q, "blocks", []))):
+            acts = [qz for name, qz in quantizers.items()
+                    if name.startswith(f"blocks.{b}.") and not name.endswith("weight_quant")]
+            rows.append(top1(acts, f"block {b} activations"))
+    set_mode(quantizers.values(), "quant")
+    out = args.json or ROOT / "bench" / "results" / (
+        f"error_sources_{args.model}_{args.method}_w{args.w_bits}a{args.a_bits}.json")
+    record = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "method": args.method, "w_bits": args.w_bits,
+              "a_bits": args.a_bits, "calib_size": args.calib_size, "eval_size": n, "device": device_name(
+                  torch.device("cpu")), "commit": commit(), **versions(), "rows": rows}
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\nsaved {out}")
+
+
+if __name__ == "__main__":
+    main()
