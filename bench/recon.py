@@ -61,9 +61,10 @@ def recon_rows() -> tuple[str, ...]:
 
 
 STATE = ROOT / "bench" / "results" / "state"  # reconstruction states of unfinished runs (not committed)
+MODELS = ROOT / "bench" / "results" / "models"  # the quantized models of the runs (not committed)
 
 
-def command(model, method, w, a, budget, eval_size, js, state=None):
+def command(model, method, w, a, budget, eval_size, js, state=None, out=None):
     base, extra = VARIANTS.get(method, (method, []))
     cmd = [sys.executable, "-m", "fastquant.cli", "quantize", "--model", model, "--data", "fmnist",
            "--method", base, "--w-bits", str(w), "--a-bits", str(a), "--eval-size", str(eval_size)]
@@ -72,6 +73,8 @@ def command(model, method, w, a, budget, eval_size, js, state=None):
     cmd += extra
     if state is not None:
         cmd += ["--state-dir", str(state)] + (["--resume"] if (state / "recon_state.pt").is_file() else [])
+    if out is not None:
+        cmd += ["--out", str(out)]
     return cmd + ["--json", str(js)]
 
 
@@ -91,6 +94,7 @@ def main(argv=None):
     runs = ROOT / "bench" / "results" / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     STATE.mkdir(parents=True, exist_ok=True)
+    MODELS.mkdir(parents=True, exist_ok=True)
     from fastquant.config import CALIB_PRESETS
 
     unknown = [m for m in args.methods.split(",") if m not in (*CALIB_PRESETS, *recon_rows())]
@@ -103,7 +107,8 @@ def main(argv=None):
             tag = f"{args.budget}_" if method in recon_rows() else ""
             js = runs / f"{args.model}_{method}_{tag}w{w}a{a}.json"
             state = STATE / js.stem if method in recon_rows() else None  # a stopped run continues from here
-            cmd = command(args.model, method, w, a, args.budget, args.eval_size, js, state)
+            model_file = MODELS / f"{js.stem}.safetensors"  # for bench/error_sources.py --quantized
+            cmd = command(args.model, method, w, a, args.budget, args.eval_size, js, state, model_file)
             shown = " ".join(["fastquant"] + command(args.model, method, w, a, args.budget, args.eval_size, js)[3:-2])
             if not js.is_file():
                 if args.table_only:
