@@ -42,6 +42,9 @@ VARIANTS = {
     "qdrop-lract-decay": ("qdrop", LRACT + DECAY),
     "mgrq-lract": ("mgrq", LRACT),
     "pfcr-lract-nodrop-carry1": ("pfcr", LRACT + ["--recon-set", "qdrop_p=0.0", "--recon-set", "carry=1.0"]),
+    # The rounding stays soft through the fine levels, turning hard at the last one.
+    "pfcr-lract-nodrop-anneal": ("pfcr", LRACT + ["--recon-set", "qdrop_p=0.0", "--recon-set", "carry=1.0",
+                                                  "--recon-set", "anneal=levels"]),
     "pfcr-nopos": ("pfcr", ["--no-pos"]),
     "pfcr-carry1": ("pfcr", ["--recon-set", "carry=1.0"]),      # keep the previous level's rounding as is
     "pfcr-level0": ("pfcr", ["--recon-set", "stop_at=0"]),      # attention and MLP units only

@@ -96,7 +96,7 @@ def test_fastquant_methods_are_records():
     assert get_method("brecq").defaults == {"qdrop_p": 0.0}
     assert get_method("mgrq").defaults == {"qdrop_p": 0.5, "w_global": 1.0, "w_local": 1.0}
     pfcr = get_method("pfcr")
-    assert set(pfcr.options) == {"pos", "pos_split", "pos_mode", "carry", "merge", "stop_at"}
+    assert set(pfcr.options) == {"pos", "pos_split", "pos_mode", "carry", "anneal", "merge", "stop_at"}
     cfg = ReconConfig(method="pfcr", iters=10)
     assert pfcr.stages(cfg) == ([Stage(0, float_acts=True), Stage(5)], 0)
     assert pfcr.stages(ReconConfig(method="pfcr", iters=10, pos_mode="acts_first")) == (

@@ -260,6 +260,32 @@ def test_schedules_of_lr_and_qdrop(w4a4):
     assert runs["linear"].history != runs["default"].history
 
 
+def test_pfcr_anneals_across_levels_when_asked(w4a4):
+    """anneal="levels": one regulariser schedule over all levels (unit of level k starts k/L
+    of the way); "unit" (the default): each unit its own."""
+    from types import SimpleNamespace
+
+    from fastquant.recon.methods.pfcr import round_window
+
+    def ctx(level, **kw):
+        return SimpleNamespace(cfg=fast(method="pfcr", **kw), level=level, engine=SimpleNamespace(n_levels=3))
+
+    assert [round_window(ctx(k), 10) for k in range(3)] == [(0, 10)] * 3
+    assert [round_window(ctx(k, anneal="levels"), 10) for k in range(3)] == [(0, 30), (10, 30), (20, 30)]
+    with pytest.raises(fastquant.FastquantError, match="anneal must be one of"):
+        fast(method="pfcr", anneal="never")
+    model, q0, calib = w4a4
+    runs = {}
+    for anneal in ("unit", "levels"):
+        q = copy.deepcopy(q0)
+        cfg = fast(method="pfcr", iters=6, stop_at=1, carry=1.0, anneal=anneal, pos=False, warmup=0.6)
+        runs[anneal] = recon.run_method(model, q, calib, "pfcr", cfg, progress=False)
+        assert runs[anneal].complete and len(runs[anneal].units) == 12
+    # Two levels of 6 steps: the shared schedule's warm-up (0.6 of 12 steps) outlasts level 0.
+    assert all(u.round_reg_last == 0.0 for u in runs["levels"].units[:8])
+    assert any(u.round_reg_last > 0 for u in runs["unit"].units[:8])
+
+
 def test_resume_gives_the_uninterrupted_result(w4a4, tmp_path):
     model, q0, calib = w4a4
     cfg = fast(iters=5, stop_at=1)

@@ -221,6 +221,7 @@ class _Engine:
             for u in level:
                 all_mods += [m for m in unit_modules(model, u) if all(m is not s for s in all_mods)]
         self.state = LearnableState(all_mods)
+        self.n_levels = len(levels)
         self.grid_dtype = grid_dtype(cfg.matmul_dtype, self.device)
         self.grid_linears = [m for m in find_vit(model).blocks.modules()
                              if isinstance(m, QuantLinear) and _grid_bits_ok(m)]
@@ -323,6 +324,10 @@ class _Engine:
         self.state.mark_trained(unit_modules(model, unit))
         self.state.start_training(weights, acts, gen_drop)
         stages, round_from = method.stages(cfg)
+        # The regulariser's schedule: this unit's rounding steps are steps window[0] onwards
+        # of a schedule of window[1] steps (by default the unit's own).
+        rounding_steps = cfg.iters - round_from
+        window = method.round_window(ctx, rounding_steps) if method.round_window else (0, rounding_steps)
         stage_at = {st.start: st for st in stages}  # a later stage at the same step replaces an earlier one
         terms = [(spec.name, w, spec.make(ctx)) for spec in TERMS for w in [cfg.resolved(spec.weight)] if w > 0]
         n, bs = len(s.q), min(cfg.batch_size, len(s.q))
@@ -360,7 +365,7 @@ class _Engine:
                 loss = fit
                 beta = None
                 if it >= round_from:
-                    beta = beta_at(it - round_from, cfg.iters - round_from, cfg.warmup, cfg.beta)
+                    beta = beta_at(window[0] + it - round_from, window[1], cfg.warmup, cfg.beta)
                 if beta is not None and cfg.round_weight > 0 and weights:
                     reg = cfg.round_weight * sum(w.regularizer(beta) for _, w in weights)
                     loss = loss + reg

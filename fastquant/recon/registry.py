@@ -75,6 +75,10 @@ class ReconMethod:
     schedule: Callable = block_schedule
     stages: Callable = one_stage
     before_unit: Optional[Callable] = None
+    # (ctx, rounding steps of the unit) -> (offset, total): the unit's rounding steps are
+    # steps offset.. of a regulariser schedule (warm-up, then beta falling) of ``total``
+    # steps; None: each unit anneals its own rounding, (0, steps).
+    round_window: Optional[Callable] = None
     # Settings of its own for each CLI budget (``fastquant quantize --budget``), applied
     # after the budget's steps and images, e.g. PFCR's last level on the cpu budget.
     budgets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)

@@ -16,6 +16,10 @@ paper leaves open is an option below.
   regulariser's warm-up and annealing spanning both stages. ``"acts_first"``: the first
   stage trains the activation steps (with QDrop) with the unit's weights in float; the
   rounding is trained in the second stage only, with the warm-up and annealing fitted to it.
+- ``anneal``: where the AdaRound regulariser's schedule (warm-up, then beta falling) runs:
+  within each unit (``"unit"``), or once across the levels (``"levels"``: a unit of level k
+  continues it from k / levels of the way, so the rounding stays soft through the fine
+  levels and turns hard only at the last; use with ``carry=1``, which keeps it as left).
 - QDrop at p = 0.5, as QDrop (``qdrop_p``).
 
 Measured (docs/methods.md has the tables): on vit-tiny-fmnist W3A3 (128 images, 100 steps
@@ -31,6 +35,7 @@ from ...errors import FastquantError
 from ..registry import Option, ReconMethod, Stage, finite, is_int, register_method, register_option
 
 POS_MODES = ("weights_first", "acts_first")
+ANNEAL = ("unit", "levels")
 
 
 def _check(ok, message):
@@ -47,6 +52,9 @@ register_option(Option("pos_mode", "weights_first",
                        "which operand kind POS's first stage keeps in float: the activations or the weights"))
 register_option(Option("carry", 0.5, _check(lambda v: finite(v) and 0 <= v <= 1, "carry must be in [0, 1], got {v!r}"),
                        "how much of an earlier level's rounding a later level starts from"))
+register_option(Option("anneal", "unit",
+                       _check(lambda v: v in ANNEAL, f"anneal must be one of {', '.join(ANNEAL)}, got {{v!r}}"),
+                       "where the rounding regulariser anneals: within each unit, or once across the levels"))
 register_option(Option("merge", 2, _check(lambda v: is_int(v) and v >= 2, "merge must be an integer of at least 2, "
                                                                            "got {v!r}"),
                        "how many neighbouring units of a level make one unit of the next"))
@@ -106,14 +114,25 @@ def carry_rounding(ctx) -> None:
             w.blend(layer.weight, carry)
 
 
+def round_window(ctx, steps: int) -> tuple[int, int]:
+    """``anneal="levels"``: one regulariser schedule over all levels, so that a unit of level
+    k continues it from step k * steps (its warm-up falls in the first levels, the rounding
+    turns hard only at the last); ``"unit"``: each unit's own schedule."""
+    if ctx.cfg.resolved("anneal") == "levels":
+        return ctx.level * steps, ctx.engine.n_levels * steps
+    return 0, steps
+
+
 PFCR = register_method(ReconMethod(
     name="pfcr",
     summary="PFCR's fine-to-coarse levels (attention and MLP units, then blocks, pairs of blocks, ...) "
             "with the progressive optimisation strategy",
     defaults={"qdrop_p": 0.5},
-    options={"pos": True, "pos_split": 0.5, "pos_mode": "weights_first", "carry": 0.5, "merge": 2, "stop_at": None},
+    options={"pos": True, "pos_split": 0.5, "pos_mode": "weights_first", "carry": 0.5, "anneal": "unit", "merge": 2,
+             "stop_at": None},
     schedule=schedule,
     stages=stages,
     before_unit=carry_rounding,
+    round_window=round_window,
     budgets={"cpu": {"stop_at": 2}},  # up to pairs of blocks (ViT-S: 24 + 12 + 6 units)
 ))
