@@ -28,12 +28,17 @@ ROOT = Path(__file__).resolve().parent.parent
 # (docs/methods.md). "lract": activation steps at 4e-5 * 20000 / 300, as lr_round is scaled
 # for short runs ("lract10": 1e-2); "float": the unit's biases and LayerNorm affine trained
 # too; "cos": the activation steps' learning rate on a half cosine to 0; "decay": QDrop's
-# probability falling linearly to 0.
+# probability falling linearly to 0; "smooth": fc2's per-channel input ranges moved into its
+# weights (--fc2-smooth, alpha 1; "smooth05": alpha 0.5).
 LRACT = ["--recon-set", "lr_act=2.7e-3"]
+SMOOTH = ["--fc2-smooth", "1.0"]
 FLOAT = ["--recon-set", "lr_bias=1e-3", "--recon-set", "lr_norm=1e-4"]
 COS = ["--recon-set", "lr_schedule=cosine"]
 DECAY = ["--recon-set", "qdrop_schedule=linear"]
 VARIANTS = {
+    "repq-smooth05": ("repq", ["--fc2-smooth", "0.5"]),
+    "repq-smooth": ("repq", SMOOTH),
+    "brecq-lract-smooth": ("brecq", LRACT + SMOOTH),
     "brecq-lract": ("brecq", LRACT),
     "brecq-lract-float": ("brecq", LRACT + FLOAT),
     "brecq-lract-cos": ("brecq", LRACT + COS),
@@ -55,6 +60,13 @@ VARIANTS = {
 }
 
 
+def reconstructs(row: str) -> bool:
+    """Whether a row runs a reconstruction method (then it has a budget and a state dir)."""
+    from fastquant.recon import method_names
+
+    return VARIANTS.get(row, (row, []))[0] in method_names()
+
+
 def recon_rows() -> tuple[str, ...]:
     """The reconstruction rows: every registered method (fastquant.recon's registry) and the variants."""
     from fastquant.recon import method_names
@@ -71,7 +83,7 @@ def command(model, method, w, a, budget, eval_size, js, state=None, out=None):
     base, extra = VARIANTS.get(method, (method, []))
     cmd = [sys.executable, "-m", "fastquant.cli", "quantize", "--model", model, "--data", "fmnist",
            "--method", base, "--w-bits", str(w), "--a-bits", str(a), "--eval-size", str(eval_size)]
-    if method in recon_rows():
+    if reconstructs(method):
         cmd += ["--budget", budget]
     cmd += extra
     if state is not None:
@@ -107,9 +119,9 @@ def main(argv=None):
     for setting in args.settings.split(","):
         w, a = (int(v) for v in setting.split("/"))
         for method in args.methods.split(","):
-            tag = f"{args.budget}_" if method in recon_rows() else ""
+            tag = f"{args.budget}_" if reconstructs(method) else ""
             js = runs / f"{args.model}_{method}_{tag}w{w}a{a}.json"
-            state = STATE / js.stem if method in recon_rows() else None  # a stopped run continues from here
+            state = STATE / js.stem if reconstructs(method) else None  # a stopped run continues from here
             model_file = MODELS / f"{js.stem}.safetensors"  # for bench/error_sources.py --quantized
             cmd = command(args.model, method, w, a, args.budget, args.eval_size, js, state, model_file)
             shown = " ".join(["fastquant"] + command(args.model, method, w, a, args.budget, args.eval_size, js)[3:-2])

@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=_int, default=0, help="seed for drawing calibration images (default: %(default)s)")
     q.add_argument("--out", type=Path, help="save the quantized model (safetensors, integer weights)")
     q.add_argument("--per-token", action="store_true", help="dynamic per-token activation scales")
+    q.add_argument("--fc2-smooth", type=float, metavar="ALPHA",
+                   help="move the MLPs' fc2 input ranges into fc2's weights with strength ALPHA in [0, 1] "
+                        "(0: off; default: the method's)")
     q.add_argument("--deploy", choices=("cpu", "cuda", "triton", "torch"),
                    help="also convert to integer layers with this backend (cpu: the fused int8 kernels of the CPU "
                         "extension; triton: Triton kernels on a GPU; cuda: the CUDA C++ extension on a GPU; torch: "
@@ -185,7 +188,8 @@ def cmd_quantize(args) -> dict:
     from .validate import check_images
 
     t0 = time.time()
-    cfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, method=args.method, per_token=args.per_token)
+    cfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, method=args.method, per_token=args.per_token,
+                      fc2_smooth=args.fc2_smooth)
     reconstructs = cfg.reconstructs
     given = [flag for flag, on in (("--budget", args.budget), ("--iters", args.iters), ("--no-pos", args.no_pos),
                                    ("--recon-set", args.recon_set),

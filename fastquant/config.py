@@ -65,6 +65,11 @@ class QuantConfig:
     # "nearest", or "gptq": round weight columns one by one, compensating each
     # rounding error in the columns still to come (Frantar et al., arXiv 2210.17323).
     weight_rounding: str | None = None
+    # Move the per-channel input ranges of every MLP's second Linear (fc2, after GELU) into
+    # its weight columns: the input is divided per channel by d_c = a_c^alpha / w_c^(1 - alpha)
+    # (a_c, w_c: the channel's input and weight-column absolute maxima) and the weight column
+    # multiplied by it (SmoothQuant's migration, Xiao et al., arXiv 2211.10438); 0: off.
+    fc2_smooth: float | None = None
     per_token: bool = False  # dynamic per-token activation scales instead of calibrated per-tensor
     qk_per_head: bool = True
     patch_embed_a_bits: int = 8
@@ -87,6 +92,10 @@ class QuantConfig:
         for name in ("calib", "softmax", "weight_rounding"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise FastquantError(f"{name} must be a name or None (the method's default), got {getattr(self, name)!r}")
+        sm = self.fc2_smooth
+        if sm is not None and (isinstance(sm, bool) or not isinstance(sm, (int, float)) or not math.isfinite(sm)
+                               or not 0 <= sm <= 1):
+            raise FastquantError(f"fc2_smooth must be a number in [0, 1] or None (the method's default), got {sm!r}")
         check_bits(self.w_bits, "w_bits")
         check_bits(self.a_bits, "a_bits")
         check_bits(self.patch_embed_a_bits, "patch_embed_a_bits")
@@ -108,7 +117,7 @@ class QuantConfig:
 
     def resolved(self, key: str):
         """The value of a method-dependent field (calib, softmax, reparam, output_aware,
-        bias_correct, weight_rounding) after the method's defaults are applied."""
+        bias_correct, weight_rounding, fc2_smooth) after the method's defaults are applied."""
         value = getattr(self, key)
         if value is None:
             value = method_defaults(self.method)[key]

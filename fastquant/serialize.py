@@ -147,7 +147,7 @@ def _verify(path: Path, saved: dict | None, sd: dict):
     for name, t in sd.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise FastquantError(f"{path} is corrupted: tensor {name} holds NaN or Inf")
-        if name.endswith(".scale") and t.numel() and not (t > 0).all():
+        if name.endswith((".scale", ".input_div")) and t.numel() and not (t > 0).all():
             raise FastquantError(f"{path} is corrupted: quantizer step {name} is not positive")
 
 
@@ -170,9 +170,15 @@ def read_metadata(path: str | os.PathLike) -> dict:
 
 
 def read_config(path: Path, meta: dict) -> tuple:
-    """(QuantConfig, ModelSpec) from a saved model's metadata, or FastquantError naming the file."""
+    """(QuantConfig, ModelSpec) from a saved model's metadata, or FastquantError naming the file.
+    A config saved before a field existed gets the value that reproduces the model it was
+    saved with (``fc2_smooth``: 0, off)."""
     try:
-        return QuantConfig.from_json(meta["config"]), ModelSpec.from_json(meta["model"])
+        config = meta["config"]
+        data = json.loads(config) if isinstance(config, str) else None
+        if isinstance(data, dict) and "fc2_smooth" not in data:
+            config = json.dumps({**data, "fc2_smooth": 0.0})
+        return QuantConfig.from_json(config), ModelSpec.from_json(meta["model"])
     except FastquantError as exc:
         raise FastquantError(f"{path} has corrupted metadata ({exc})") from None
     except (KeyError, ValueError, TypeError) as exc:

@@ -298,3 +298,11 @@ def has_attention(model: nn.Module) -> bool:
     from timm.models.swin_transformer import WindowAttention
 
     return any(isinstance(m, (Attention, WindowAttention)) for m in model.modules())
+
+
+def mlp_output_linears(model: nn.Module) -> set:
+    """The second Linear of every MLP (timm's ``Mlp`` and its variants: ``fc1``, then
+    ``fc2``): the layers whose input (after GELU, or a gated product) no LayerNorm feeds, so
+    per-channel input ranges can only be moved into their own weight columns."""
+    return {m.fc2 for m in model.modules()
+            if isinstance(getattr(m, "fc1", None), nn.Linear) and isinstance(getattr(m, "fc2", None), nn.Linear)}

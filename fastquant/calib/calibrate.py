@@ -18,9 +18,45 @@ def weight_quantizers(model: nn.Module) -> set:
 
 
 @torch.no_grad()
+def smooth(model: nn.Module, layers: list, batches: list, alpha: float, progress: bool = True):
+    """Move each layer's per-channel input range into its weight columns (``fc2_smooth``):
+    with a_c the channel's largest |x| on the calibration images (float pass) and w_c its
+    weight column's largest |W|, d_c = a_c^alpha / w_c^(1 - alpha), scaled to mean 1; the
+    layer then computes (x / d) (W diag(d))^T, the same in float. Channels that never
+    exceed 1e-5 of the largest input keep that floor."""
+    amax = {m: torch.zeros(m.in_features, device=m.weight.device) for m in layers}
+
+    def hook(mod, inp):
+        x = inp[0].detach()
+        amax[mod] = torch.maximum(amax[mod], x.abs().reshape(-1, x.shape[-1]).amax(0).float())
+
+    saved = [(q, q.mode) for q in quantizers_in(model)]
+    set_mode([q for q, _ in saved], "off")
+    hooks = [m.register_forward_pre_hook(hook) for m in layers]
+    try:
+        for x in tqdm(batches, desc="smoothing", unit="batch", disable=not progress, leave=False):
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        for q, mode in saved:
+            q.mode = mode
+    for m in layers:
+        a = amax[m].clamp_min(1e-5 * float(amax[m].max().clamp_min(1e-12)))
+        w = m.weight.detach().abs().amax(0).float()
+        w = w.clamp_min(1e-5 * float(w.max().clamp_min(1e-12)))
+        d = a.pow(alpha) / w.pow(1 - alpha)
+        d = d / d.mean()
+        m.weight.mul_(d.to(m.weight.dtype))
+        m.input_div = d.to(m.weight.dtype)
+
+
+@torch.no_grad()
 def calibrate(model: nn.Module, batches: list, cfg: CalibSpec, ln_groups: dict, progress: bool = True) -> int:
     """Calibrate a swapped model, in place. Returns the number of images seen.
 
+    0. With ``fc2_smooth``, the MLPs' second Linear layers get their input divisors
+       (:func:`smooth`), which leaves the float model's output unchanged.
     1. Activation quantizers observe the float model on ``batches`` and pick their
        ranges (weighted by their downstream cost when ``output_aware``).
     2. LayerNorm-fed inputs are reparameterised (``ln_groups``, LayerNorm -> its
@@ -33,6 +69,9 @@ def calibrate(model: nn.Module, batches: list, cfg: CalibSpec, ln_groups: dict, 
     """
     wqs = weight_quantizers(model)
     acts = [q for q in quantizers_in(model) if q not in wqs]
+    smoothed = [m for m in model.modules() if isinstance(m, QuantLinear) and m.input_div is not None]
+    if smoothed and cfg.fc2_smooth > 0:
+        smooth(model, smoothed, batches, cfg.fc2_smooth, progress)
     set_mode(wqs, "off")
     for q in acts:
         q.start_observing()

@@ -77,7 +77,7 @@ def linear_input_stats(model: nn.Module, batches: list, covariance: bool, progre
     stats = {m: InputStats(m.in_features, covariance) for m in layers}
 
     def hook(mod, inp):
-        x = inp[0].detach()
+        x = mod.prepare_input(inp[0].detach())
         xq = x
         q = mod.input_quant
         if q is not None:

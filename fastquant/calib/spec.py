@@ -13,12 +13,12 @@ from typing import Optional
 SOFTMAX_QUANTIZERS = ("log2", "log_sqrt2", "uniform", "auto")
 WEIGHT_ROUNDING = ("nearest", "gptq")
 # The method-dependent fields of QuantConfig.
-CALIB_FIELDS = ("calib", "softmax", "reparam", "output_aware", "bias_correct", "weight_rounding")
+CALIB_FIELDS = ("calib", "softmax", "reparam", "output_aware", "bias_correct", "weight_rounding", "fc2_smooth")
 PRESETS = {
     "rtn": dict(calib="minmax", softmax="log2", reparam=False, output_aware=False, bias_correct=False,
-                weight_rounding="nearest"),
+                weight_rounding="nearest", fc2_smooth=0.0),
     "repq": dict(calib="mse", softmax="auto", reparam=True, output_aware=True, bias_correct=True,
-                 weight_rounding="gptq"),
+                 weight_rounding="gptq", fc2_smooth=0.0),
 }
 
 
@@ -42,6 +42,7 @@ class CalibSpec:
     output_aware: bool
     bias_correct: bool
     weight_rounding: str
+    fc2_smooth: float = 0.0
     per_token: bool = False
     qk_per_head: bool = True
     patch_embed_a_bits: int = 8

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..adapters import classifier_of, layernorm_consumers, patch_embed_convs
+from ..adapters import classifier_of, layernorm_consumers, mlp_output_linears, patch_embed_convs
 from ..nn import Attention, QuantAttention, QuantConv2d, QuantLinear, QuantMatMul, QuantWindowAttention, WindowAttention
 from ..quant import LogQuantizer, UniformQuantizer
 from .spec import CalibSpec
@@ -45,13 +45,15 @@ class Plan:
     head: nn.Module | None = None
     patch_convs: set = field(default_factory=set)
     ln_groups: dict = field(default_factory=dict)  # LayerNorm -> [(Linear, channel_map or None)] fed by its output
+    mlp_outputs: set = field(default_factory=set)  # every MLP's second Linear (fc2): smoothing targets
 
 
 def plan_for(model: nn.Module, example: torch.Tensor | None = None) -> Plan:
     """The plan of ``model``; with an ``example`` batch, also the LayerNorm groups to
     reparameterise (found by running it)."""
     groups = layernorm_consumers(model, example) if example is not None else {}
-    return Plan(head=classifier_of(model), patch_convs=patch_embed_convs(model), ln_groups=groups)
+    return Plan(head=classifier_of(model), patch_convs=patch_embed_convs(model), ln_groups=groups,
+                mlp_outputs=mlp_output_linears(model))
 
 
 def swap_modules(model: nn.Module, cfg: CalibSpec, plan: Plan) -> nn.Module:
@@ -68,7 +70,10 @@ def swap_modules(model: nn.Module, cfg: CalibSpec, plan: Plan) -> nn.Module:
             wq = _weight(cfg, head_w if is_head else cfg.w_bits, child.weight)
             a_bits = head_a if is_head else cfg.a_bits
             shape = (child.in_features,) if child in reparam_inputs else ()
-            return QuantLinear(child, wq, _act(cfg, a_bits, shape))
+            layer = QuantLinear(child, wq, _act(cfg, a_bits, shape))
+            if cfg.fc2_smooth > 0 and child in plan.mlp_outputs and not is_head:
+                layer.input_div = torch.ones(child.in_features, device=child.weight.device)  # set by calibration
+            return layer
         if t is nn.Conv2d:
             is_pe = child in plan.patch_convs
             wq = _weight(cfg, pe_w if is_pe else cfg.w_bits, child.weight)

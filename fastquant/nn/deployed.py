@@ -54,7 +54,8 @@ class Int8Linear(nn.Module):
     ``w_bits`` codes' width, ``w_scale`` and ``w_corr`` (``c_w``) [N], ``b_sum``
     (``B'``) [N]; for a calibrated input step ``col_scale = s_x s_w`` and ``col_add =
     c_x B' + bias / (s_x s_w)`` [N]; for a per-token input the bias and ``s_x``/``z_x``
-    per row.
+    per row; ``input_div`` [K] when the fake-quant layer divides its input per channel
+    (smoothing), applied before quantization.
     """
 
     def __init__(self, in_features: int, out_features: int, w_bits: int, a_bits: int, per_token: bool,
@@ -77,10 +78,14 @@ class Int8Linear(nn.Module):
         # which the GEMM unpacks (fastquant.ops.int8_linear.pack_weight_int4); set by
         # set_backend. A buffer so that .to() moves it; not saved (fastquant.save stores the codes).
         self.register_buffer("weight_packed", None, persistent=False)
+        # The fake-quant layer's per-channel input divisors (QuantLinear.input_div), applied
+        # before the input is quantized; None: none.
+        self.register_buffer("input_div", None)
 
     # Scales, corrections and bias stay float32 when the model is cast (``.half()``): the
     # kernels' epilogues compute in float32, and b_sum or col_add would not survive fp16.
-    _FLOAT32_BUFFERS = ("w_scale", "w_corr", "b_sum", "bias", "x_scale", "x_zero", "col_scale", "col_add")
+    _FLOAT32_BUFFERS = ("w_scale", "w_corr", "b_sum", "bias", "x_scale", "x_zero", "col_scale", "col_add",
+                        "input_div")
 
     def _apply(self, fn, recurse=True):
         kept = {n: self._buffers[n] for n in self._FLOAT32_BUFFERS if self._buffers.get(n) is not None}
@@ -154,6 +159,8 @@ class Int8Linear(nn.Module):
             if layer.bias is not None:
                 add = add + layer.bias.detach().float() / (s_x * s_w)
             new.col_add.copy_(add)
+        if layer.input_div is not None:
+            new.input_div = layer.input_div.detach().float().clone()
         return new.to(layer.weight.device)
 
     @torch.no_grad()
@@ -170,6 +177,8 @@ class Int8Linear(nn.Module):
         }
         if self.bias is not None:
             state["bias"] = self.bias.clone()
+        if self.input_div is not None:
+            state["input_div"] = self.input_div.clone()
         return state
 
     def _args(self, x2: torch.Tensor, weight: torch.Tensor) -> tuple:
@@ -179,6 +188,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
+        if self.input_div is not None:
+            x2 = (x2 / self.input_div).to(x.dtype)
         backend = self.backend if INT8_LINEAR.supports(self.backend, x2, self.weight_t) else "torch"
         packed = backend in ("triton", "cuda") and self.weight_packed is not None
         out = INT8_LINEAR(*self._args(x2, self.weight_packed if packed else self.weight_t), backend=backend)
@@ -187,6 +198,8 @@ class Int8Linear(nn.Module):
     def reference(self, x2: torch.Tensor) -> torch.Tensor:
         """The PyTorch twin on ``x2`` [rows, in_features] (float32 out): the oracle every
         backend is tested against."""
+        if self.input_div is not None:
+            x2 = (x2 / self.input_div).to(x2.dtype)
         return torch_int8_linear(*self._args(x2, self.weight_t))
 
 

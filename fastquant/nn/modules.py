@@ -31,7 +31,7 @@ def _q(quantizer: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
 
 
 class QuantLinear(nn.Module):
-    """y = Qa(x) Qw(W)^T + b.
+    """y = Qa(x) Qw(W)^T + b (with ``input_div`` d: Qa(x / d) Qw(W)^T + b, W holding W diag(d)).
 
     With a grid dtype set (``set_grid_dtype``: reconstruction sets it while it trains),
     quantizers that can give their output as an integer grid times a scale (``grid(x) ->
@@ -52,6 +52,13 @@ class QuantLinear(nn.Module):
         self.bias = linear.bias
         self.weight_quant = weight_quant
         self.input_quant = input_quant
+        # Per input channel divisors (smoothing, ``fastquant.calib``): the layer computes
+        # Qa(x / d) Qw(W')^T + b with W' = W diag(d); None: no division.
+        self.register_buffer("input_div", None)
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the input quantizer sees: x, divided by ``input_div`` when the layer has one."""
+        return x if self.input_div is None else x / self.input_div
 
     def set_grid_dtype(self, dtype: Optional[torch.dtype]) -> "QuantLinear":
         """Take the product on integer grids in ``dtype`` when the quantizers allow it (None: off)."""
@@ -59,6 +66,7 @@ class QuantLinear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.prepare_input(x)
         if self.grid_dtype is not None:
             y = self._grid_forward(x)
             if y is not None:
