@@ -200,6 +200,9 @@ def test_methods_are_configurations(w4a4):
     assert recon.ReconConfig(iters=20000).resolved("lr_round") == 1e-3
     assert recon.ReconConfig(iters=300).resolved("lr_round") == pytest.approx(1e-3 * 20000 / 300)
     assert recon.ReconConfig(iters=10).resolved("lr_round") == 0.1
+    assert recon.ReconConfig(iters=300, lr_act=None).resolved("lr_act") == pytest.approx(4e-5 * 20000 / 300)
+    assert recon.ReconConfig(iters=20000, lr_act=None).resolved("lr_act") == 4e-5
+    assert recon.ReconConfig(iters=10, lr_act=None).resolved("lr_act") == 1e-2
 
     q = copy.deepcopy(q0)
     pfcr = recon.run_method(model, q, calib, "pfcr", fast(iters=6, stop_at=1), progress=False)

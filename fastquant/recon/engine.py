@@ -314,7 +314,7 @@ class _Engine:
         if not alphas and not scales:
             raise FastquantError(f"unit {unit.name} has nothing to learn (no quantized layers)")
         floats = _float_params(unit_modules(model, unit), cfg)
-        lrs = ((alphas, cfg.resolved("lr_round")), (scales, cfg.lr_act), *floats)
+        lrs = ((alphas, cfg.resolved("lr_round")), (scales, cfg.resolved("lr_act")), *floats)
         groups = [{"params": ps, "lr": lr, "initial_lr": lr, "decays": ps is not alphas}
                   for ps, lr in lrs if ps and lr > 0]
         opt = torch.optim.Adam(groups)
