@@ -43,6 +43,10 @@ VARIANTS = {
     "brecq-lract-float": ("brecq", LRACT + FLOAT),
     "brecq-lract-cos": ("brecq", LRACT + COS),
     "brecq-lract10": ("brecq", ["--recon-set", "lr_act=1e-2"]),
+    # Steps per unit (the plot of top-1 against steps): lr_act scaled with the steps (None).
+    "brecq-auto-it100": ("brecq", ["--iters", "100", "--recon-set", "lr_act=None"]),
+    "brecq-auto": ("brecq", ["--recon-set", "lr_act=None"]),
+    "brecq-auto-it1000": ("brecq", ["--iters", "1000", "--recon-set", "lr_act=None"]),
     "qdrop-lract": ("qdrop", LRACT),
     "qdrop-lract-decay": ("qdrop", LRACT + DECAY),
     "mgrq-lract": ("mgrq", LRACT),
