@@ -83,9 +83,10 @@ STATE = ROOT / "bench" / "results" / "state"  # reconstruction states of unfinis
 MODELS = ROOT / "bench" / "results" / "models"  # the quantized models of the runs (not committed)
 
 
-def command(model, method, w, a, budget, eval_size, js, state=None, out=None):
+def command(model, method, w, a, budget, eval_size, js, state=None, out=None, data="fmnist", source=()):
+    """The CLI command of one row (``source``: --checkpoint/--img-size arguments of the model)."""
     base, extra = VARIANTS.get(method, (method, []))
-    cmd = [sys.executable, "-m", "fastquant.cli", "quantize", "--model", model, "--data", "fmnist",
+    cmd = [sys.executable, "-m", "fastquant.cli", "quantize", "--model", model, *source, "--data", data,
            "--method", base, "--w-bits", str(w), "--a-bits", str(a), "--eval-size", str(eval_size)]
     if reconstructs(method):
         cmd += ["--budget", budget]
@@ -100,6 +101,10 @@ def command(model, method, w, a, budget, eval_size, js, state=None, out=None):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="dinov2-s14-fmnist")
+    p.add_argument("--data", default="fmnist", help="fmnist or imagefolder:PATH")
+    p.add_argument("--checkpoint", help="a timm model's checkpoint (with --model a timm name)")
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--label", help="the name of the model and data in file names (default: --model)")
     p.add_argument("--settings", default="4/4,3/3")
     p.add_argument("--budget", default="cpu", choices=("cpu", "full"))
     p.add_argument("--eval-size", type=int, default=2000)
@@ -110,6 +115,9 @@ def main(argv=None):
     p.add_argument("--table-only", action="store_true",
                    help="run nothing: make the table from the finished runs, listing the missing ones")
     args = p.parse_args(argv)
+    label = args.label or args.model
+    source = (["--checkpoint", args.checkpoint] if args.checkpoint else []) + (
+        ["--img-size", str(args.img_size)] if args.img_size else [])
     runs = ROOT / "bench" / "results" / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     STATE.mkdir(parents=True, exist_ok=True)
@@ -124,11 +132,13 @@ def main(argv=None):
         w, a = (int(v) for v in setting.split("/"))
         for method in args.methods.split(","):
             tag = f"{args.budget}_" if reconstructs(method) else ""
-            js = runs / f"{args.model}_{method}_{tag}w{w}a{a}.json"
+            js = runs / f"{label}_{method}_{tag}w{w}a{a}.json"
             state = STATE / js.stem if reconstructs(method) else None  # a stopped run continues from here
             model_file = MODELS / f"{js.stem}.safetensors"  # for bench/error_sources.py --quantized
-            cmd = command(args.model, method, w, a, args.budget, args.eval_size, js, state, model_file)
-            shown = " ".join(["fastquant"] + command(args.model, method, w, a, args.budget, args.eval_size, js)[3:-2])
+            where = dict(data=args.data, source=source)
+            cmd = command(args.model, method, w, a, args.budget, args.eval_size, js, state, model_file, **where)
+            shown = " ".join(["fastquant"] + command(args.model, method, w, a, args.budget, args.eval_size, js,
+                                                     **where)[3:-2])
             if not js.is_file():
                 if args.table_only:
                     print(f"missing (not run yet): {shown}")
@@ -140,7 +150,7 @@ def main(argv=None):
             records.append(rec)
     if not records:
         sys.exit("no finished runs to tabulate")
-    out = ROOT / "bench" / "results" / f"recon_{args.model}_{args.budget}{'_' + args.name if args.name else ''}.json"
+    out = ROOT / "bench" / "results" / f"recon_{label}_{args.budget}{'_' + args.name if args.name else ''}.json"
     meta = {"machine": platform.processor() or platform.machine(), "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d"), "budget": args.budget, "records": records}
     out.write_text(json.dumps(meta, indent=2) + "\n")
