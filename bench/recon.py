@@ -47,6 +47,8 @@ VARIANTS = {
     "brecq-auto-it100": ("brecq", ["--iters", "100", "--recon-set", "lr_act=None"]),
     "brecq-auto": ("brecq", ["--recon-set", "lr_act=None"]),
     "brecq-auto-it1000": ("brecq", ["--iters", "1000", "--recon-set", "lr_act=None"]),
+    "pfcr-auto-it100": ("pfcr", ["--iters", "100", "--recon-set", "lr_act=None", "--recon-set", "qdrop_p=0.0",
+                                 "--recon-set", "carry=1.0"]),
     "qdrop-lract": ("qdrop", LRACT),
     "qdrop-lract-decay": ("qdrop", LRACT + DECAY),
     "mgrq-lract": ("mgrq", LRACT),
