@@ -10,12 +10,12 @@ of the kernels and extensions) -> ``ops`` (each op with its PyTorch twin) -> ``q
 (quantizers) -> the foundation (errors, settings, the per-model record, input checks,
 atomic file writes). ``models``, ``data`` and ``evaluate`` serve the API and the CLI only.
 """
-from .api import convert, load, quantize, save
+from .api import convert, export_onnx, load, quantize, save
 from .config import QuantConfig
 from .errors import FastquantError
 from .recon import ReconConfig, register_method
 from .record import record_of
 
 __version__ = "0.1.0"
-__all__ = ["QuantConfig", "ReconConfig", "FastquantError", "convert", "quantize", "save", "load", "record_of",
+__all__ = ["QuantConfig", "ReconConfig", "FastquantError", "convert", "export_onnx", "quantize", "save", "load", "record_of",
            "register_method", "__version__"]

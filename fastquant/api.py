@@ -19,7 +19,7 @@ from torch import nn
 from .adapters import expected_input, has_attention
 from .calib import calibrate, prepare
 from .config import QuantConfig
-from .deploy import convert
+from .deploy import convert, export_onnx
 from .errors import FastquantError
 from .recon import ReconConfig, run_method
 from .recon import method_names as recon_methods
@@ -29,7 +29,7 @@ from .validate import check_images
 
 CalibData = Union[torch.Tensor, Iterable]
 
-__all__ = ["quantize", "convert", "save", "load", "CalibData"]
+__all__ = ["quantize", "convert", "export_onnx", "save", "load", "CalibData"]
 
 
 def _iter_batches(data: CalibData, batch_size: int):

@@ -132,6 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a full-precision or saved quantized model")
     _add_model_args(e, from_file=True)
     e.add_argument("--quantized", type=Path, help="a model saved by `fastquant quantize --out`")
+    x = sub.add_parser("export", help="write a saved quantized model as a QDQ ONNX model",
+                       description="Write a model saved by `fastquant quantize --out` as a standard QDQ ONNX "
+                                   "model (int8 weights, QuantizeLinear/DequantizeLinear activations) for ONNX "
+                                   "Runtime, OpenVINO or TensorRT.")
+    x.add_argument("--quantized", type=Path, required=True, help="a model saved by `fastquant quantize --out`")
+    x.add_argument("--onnx", type=Path, required=True, help="the ONNX file to write")
+    x.add_argument("--softmax", choices=("uint8", "exact"), default="uint8",
+                   help="the log softmax quantizer as uint8 QDQ with step 1/255 (integer kernels) or exactly, "
+                        "in float operations (default: %(default)s)")
+    x.add_argument("--per-head", choices=("tensor", "exact"), default="tensor",
+                   help="per-head Q/K steps as one covering per-tensor QDQ, or exactly in float operations "
+                        "(default: %(default)s)")
+    x.add_argument("--opset", type=_positive, default=17, help="ONNX opset, 13 or later (default: %(default)s)")
+    x.add_argument("--json", type=Path, help="write what was exported as JSON to this file")
+    x.add_argument("--threads", type=_positive, help="CPU threads for torch (default: torch's choice)")
     return p
 
 
@@ -340,6 +355,31 @@ def cmd_eval(args) -> dict:
     return result
 
 
+def cmd_export(args) -> dict:
+    import dataclasses
+
+    from . import export_onnx, load, record_of
+    from .serialize import read_config, read_metadata
+
+    t0 = time.time()
+    _check_out_path(args.onnx, "--onnx")
+    _check_out_path(args.json, "--json")
+    meta = read_metadata(args.quantized)
+    _, spec = read_config(args.quantized, meta)
+    model = load(args.quantized)
+    if record_of(model).deploy is not None:
+        raise FastquantError(f"{args.quantized} holds a deployed model (saved after --deploy): "
+                             "export a model saved without --deploy")
+    rep = export_onnx(model, args.onnx, softmax=args.softmax, per_head=args.per_head, opset=args.opset)
+    qcfg = record_of(model).config
+    print(_table([("model", f"{spec.name} ({qcfg.method} W{qcfg.w_bits}A{qcfg.a_bits})"), ("ONNX", str(args.onnx)),
+                  ("int8 weights", str(len(rep.weights))), ("QDQ activations", str(len(rep.qdq))),
+                  ("nearest standard form", str(len(rep.approximated))),
+                  ("float operations", str(len(rep.emulated)))]))
+    return {"model": spec.name, "quantized": str(args.quantized), **dataclasses.asdict(rep),
+            "seconds": round(time.time() - t0, 1)}
+
+
 def _terminate(signum, frame):
     raise SystemExit(128 + signum)
 
@@ -371,7 +411,7 @@ def _main(argv: list[str] | None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        result = cmd_quantize(args) if args.command == "quantize" else cmd_eval(args)
+        result = {"quantize": cmd_quantize, "eval": cmd_eval, "export": cmd_export}[args.command](args)
     except FastquantError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

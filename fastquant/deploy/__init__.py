@@ -6,7 +6,11 @@
 allow it becomes a :class:`~fastquant.nn.FusedQuantAttention`. Layers the integer path
 cannot express (a per-channel input step, a non-uniform quantizer, ...) keep their
 fake-quant module, and the report says why.
+
+``export_onnx(qmodel, path)`` (``fastquant.export_onnx``) writes the fake-quant model as a
+standard QDQ ONNX graph for ONNX Runtime, OpenVINO or TensorRT (``export.py``).
 """
 from .convert import BACKENDS, DeployReport, convert, fuse_attention, resolve_backend
+from .export import ExportReport, export_onnx
 
-__all__ = ["BACKENDS", "DeployReport", "convert", "fuse_attention", "resolve_backend"]
+__all__ = ["BACKENDS", "DeployReport", "ExportReport", "convert", "export_onnx", "fuse_attention", "resolve_backend"]

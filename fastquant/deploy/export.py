@@ -1,0 +1,298 @@
+"""``export_onnx``: a fake-quantized model as a standard QDQ ONNX graph.
+
+Every uniform quantizer with calibrated steps becomes the standard form that ONNX Runtime,
+OpenVINO and TensorRT turn into integer kernels:
+
+- a weight: its integer codes as an int8 initializer (fastquant's codes 0 .. 2^b - 1 moved
+  down by 2^(b-1), the zero points with them, so the values are unchanged) and one
+  ``DequantizeLinear`` with the per-channel steps (``axis=0``);
+- an activation: ``QuantizeLinear`` -> ``DequantizeLinear`` on uint8 with fastquant's step and
+  zero point, per tensor or per head (``axis=1``); below 8 bits a ``Clip`` of the uint8
+  codes to 0 .. 2^b - 1 sits between them (exact, but runtimes then keep that operand in
+  float).
+
+The reparameterised LayerNorms (RepQ-ViT's scale folding) and smoothing divisors are plain
+float parameters of the quantized model, so they are exported as they are: a LayerNorm
+with the folded affine, a ``Div`` by fc2's ``input_div``.
+
+Quantizers that have no standard QDQ form:
+
+- the log2 / log-sqrt2 softmax quantizer: ``softmax="uint8"`` (default) writes it as uint8
+  QDQ with step 1/255 and zero point 0 on [0, 1], the form runtimes quantize P V with;
+  ``softmax="exact"`` writes fastquant's rounding as float operations (the same values,
+  no integer kernel);
+- per-head steps of the attention operands Q and K (a per-axis activation zero point, which
+  ONNX allows but ONNX Runtime's integer MatMul refuses): ``per_head="tensor"`` (default)
+  writes one uint8 QDQ whose range covers every head's, ``per_head="exact"`` writes the
+  per-head rounding as float operations;
+- dynamic per-token steps (``per_token=True``): written as float operations (ReduceMin,
+  ReduceMax, Round, Clip), exact but not on integer kernels.
+
+``ExportReport`` lists which quantizers took which form. The graph uses the legacy
+TorchScript exporter of ``torch.onnx`` (the one with custom symbolics), opset 17 by
+default, a dynamic batch dimension, input ``images`` and output ``logits``.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import FastquantError
+from ..files import atomic_write, check_writable
+from ..nn import QuantConv2d, QuantLinear, QuantMatMul
+from ..quant.base import Quantizer
+from ..quant.functional import range_to_qparams
+from ..quant.learnable import Learnable
+from ..quant.log import LogQuantizer
+from ..quant.uniform import UniformQuantizer
+from ..record import record_of
+
+SOFTMAX_FORMS = ("uint8", "exact")
+PER_HEAD_FORMS = ("tensor", "exact")
+MIN_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What ``export_onnx`` wrote: the quantizers as standard QDQ (``qdq``, weights as int8
+    initializers in ``weights``), those written as float operations (``emulated``, with the
+    reason) and those replaced by the nearest standard form (``approximated``, with it)."""
+
+    path: str
+    opset: int
+    weights: list = field(default_factory=list)
+    qdq: list = field(default_factory=list)
+    emulated: dict = field(default_factory=dict)
+    approximated: dict = field(default_factory=dict)
+
+
+def _const(g, t: torch.Tensor):
+    return g.op("Constant", value_t=t)
+
+
+class _WeightDQ(torch.autograd.Function):
+    """Forward: the dequantized weight. ONNX: int8 codes -> DequantizeLinear (per channel)."""
+
+    @staticmethod
+    def forward(ctx, weight, codes, scale, zero_point):
+        shape = (-1,) + (1,) * (codes.dim() - 1)
+        return ((codes.float() - zero_point.float().reshape(shape)) * scale.reshape(shape)).to(weight.dtype)
+
+    @staticmethod
+    def symbolic(g, weight, codes, scale, zero_point):
+        return g.op("DequantizeLinear", codes, scale, zero_point, axis_i=0)
+
+
+class _ActQDQ(torch.autograd.Function):
+    """Forward: fastquant's fake quantization. ONNX: QuantizeLinear [-> Clip] -> DequantizeLinear."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmax: int, axis):
+        shape = [1] * x.dim()
+        if axis is not None:
+            shape[axis] = -1
+        s, z = scale.reshape(shape), zero_point.float().reshape(shape)
+        return ((torch.clamp(torch.round(x / s) + z, 0, qmax) - z) * s).to(x.dtype)
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point, qmax: int, axis):
+        kw = {} if axis is None else {"axis_i": axis}
+        q = g.op("QuantizeLinear", x, scale, zero_point, **kw)
+        if qmax < 255:
+            q = g.op("Clip", q, _const(g, torch.tensor(0, dtype=torch.uint8)),
+                     _const(g, torch.tensor(qmax, dtype=torch.uint8)))
+        return g.op("DequantizeLinear", q, scale, zero_point, **kw)
+
+
+class ExportWeight(nn.Module):
+    """A weight quantizer as int8 codes and per-channel steps (replaces ``weight_quant``)."""
+
+    def __init__(self, quantizer: UniformQuantizer, weight: torch.Tensor):
+        super().__init__()
+        offset = 1 << (quantizer.bits - 1)
+        codes = quantizer.quantize(weight.detach()).to(torch.int16) - offset
+        self.register_buffer("codes", codes.to(torch.int8))
+        self.register_buffer("scale", quantizer.scale.detach().reshape(-1).float().clone())
+        self.register_buffer("zero_point", (quantizer.zero_point.detach().reshape(-1) - offset).to(torch.int8))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return _WeightDQ.apply(w, self.codes, self.scale, self.zero_point)
+
+
+class ExportLog(nn.Module):
+    """A log2 / log-sqrt2 quantizer as a threshold table (``softmax="exact"``): the code is the
+    number of thresholds above the value, the output that code's level. The thresholds are
+    where ``LogQuantizer`` switches codes: the midpoint of two adjacent levels, and below the
+    smallest level L the switch to zero at L / 2 (log2) or L / sqrt(2) (log-sqrt2, the search
+    in the log domain stopping half a level step below L). The same codes except within float
+    rounding of a switch point (and, at 8 bits, below 1e-29 of the scale, where LogQuantizer
+    clamps the value for its search only). ONNX: Less, Cast, ReduceSum, Gather."""
+
+    def __init__(self, q: LogQuantizer):
+        super().__init__()
+        levels = q.levels().detach().cpu().double()  # codes 0 .. zero code; the last is 0
+        mids = (levels[:-2] + levels[1:-1]) / 2
+        last = levels[-2] / (2.0 if q.steps_per_octave == 1 else 2.0 ** 0.5)
+        self.register_buffer("thresholds", torch.cat([mids, last.reshape(1)]).float())
+        self.register_buffer("levels", levels.float())
+        # LogQuantizer searches values below 1e-30 of the scale as 1e-30 of it (at 8 bits only)
+        self.register_buffer("floor", (q.scale.detach().cpu().float() * 1e-30).reshape(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes = (torch.maximum(x, self.floor).unsqueeze(-1) < self.thresholds).to(torch.int64).sum(-1)
+        return self.levels[codes].to(x.dtype)
+
+
+class ExportAct(nn.Module):
+    """A calibrated uniform activation quantizer as uint8 QDQ (per tensor, or per axis 1)."""
+
+    def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int):
+        super().__init__()
+        per_axis = scale.numel() > 1
+        self.axis = 1 if per_axis else None  # per head: axis 1 of (B, H, N, D)
+        self.register_buffer("scale", scale.detach().float().reshape(-1 if per_axis else ()).clone())
+        self.register_buffer("zero_point", zero_point.detach().reshape(-1 if per_axis else ()).to(torch.uint8))
+        self.qmax = int(qmax)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ActQDQ.apply(x, self.scale, self.zero_point, self.qmax, self.axis)
+
+
+def _per_head(scale: torch.Tensor) -> bool:
+    """Steps of shape (1, H, 1, 1) (per head on a (B, H, N, D) operand) or a scalar."""
+    return scale.dim() == 4 and scale.shape[0] == scale.shape[2] == scale.shape[3] == 1
+
+
+def _qdq_reason(q: Quantizer) -> str | None:
+    """Why a uniform activation quantizer cannot be QDQ (None: it can)."""
+    if q.per_token:
+        return "dynamic per-token steps (written as float operations)"
+    if q.scale.numel() > 1 and not _per_head(q.scale):
+        return f"steps of shape {tuple(q.scale.shape)} (written as float operations)"
+    if q.bits > 8:
+        return f"{q.bits}-bit codes (written as float operations)"
+    zp = q.zero_point
+    if not torch.equal(zp, zp.round()) or zp.min() < 0 or zp.max() > q.qmax:
+        return "zero points off the integer grid (written as float operations)"
+    return None
+
+
+def _covering(q: UniformQuantizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor step and zero point whose range covers every head's range of ``q``."""
+    s, z = q.scale.detach().float(), q.zero_point.detach().float()
+    lo, hi = ((0 - z) * s).min(), ((q.qmax - z) * s).max()
+    return range_to_qparams(lo, hi, q.qmax)
+
+
+def _export_copy(model: nn.Module, softmax: str, per_head: str) -> tuple[nn.Module, dict]:
+    """A copy of ``model`` whose quantizers are the export modules, and what each became."""
+    ex = copy.deepcopy(model).float().cpu().eval()
+    done = {"weights": [], "qdq": [], "emulated": {}, "approximated": {}}
+
+    def act(owner: nn.Module, attr: str, name: str):
+        q = getattr(owner, attr)
+        if q is None:
+            return
+        if isinstance(q, UniformQuantizer):
+            why = _qdq_reason(q)
+            if why is None and q.scale.numel() > 1:
+                if per_head == "tensor":
+                    setattr(owner, attr, ExportAct(*_covering(q), q.qmax))
+                    done["approximated"][name] = f"{q.scale.numel()} per-head steps -> one covering step"
+                else:
+                    done["emulated"][name] = "per-head steps (written as float operations)"
+            elif why is None:
+                setattr(owner, attr, ExportAct(q.scale, q.zero_point, q.qmax))
+                done["qdq"].append(name)
+            else:
+                done["emulated"][name] = why
+        elif isinstance(q, LogQuantizer):
+            if softmax == "uint8":
+                setattr(owner, attr, ExportAct(torch.tensor(1.0 / 255), torch.tensor(0), 255))
+                done["approximated"][name] = f"log{q.base} {q.bits}-bit -> uint8 step 1/255"
+            else:
+                setattr(owner, attr, ExportLog(q))
+                done["emulated"][name] = f"log{q.base} {q.bits}-bit (a threshold table in float operations)"
+        else:
+            done["emulated"][name] = f"{type(q).__name__} (written as float operations)"
+
+    for name, mod in ex.named_modules():
+        if isinstance(mod, (QuantLinear, QuantConv2d)):
+            wq = mod.weight_quant
+            if isinstance(wq, UniformQuantizer) and not wq.per_token and wq.bits <= 8 and wq.scale.numel() > 0:
+                mod.weight_quant = ExportWeight(wq, mod.weight)
+                done["weights"].append(f"{name}.weight_quant")
+            else:
+                done["emulated"][f"{name}.weight_quant"] = f"{type(wq).__name__} (written as float operations)"
+            act(mod, "input_quant", f"{name}.input_quant")
+        elif isinstance(mod, QuantMatMul):
+            act(mod, "a_quant", f"{name}.a_quant")
+            act(mod, "b_quant", f"{name}.b_quant")
+    return ex, done
+
+
+def _example_input(model: nn.Module, image_size) -> torch.Tensor:
+    pe = getattr(model, "patch_embed", None)
+    proj = getattr(pe, "proj", None)
+    chans = getattr(proj, "in_channels", 3)
+    if image_size is None:
+        size = getattr(pe, "img_size", None)
+        if size is None:
+            raise FastquantError("export_onnx: the model has no patch_embed.img_size; pass image_size=(H, W)")
+        image_size = size
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    return torch.zeros(1, chans, h, w)
+
+
+def export_onnx(qmodel: nn.Module, path: str | os.PathLike, *, softmax: str = "uint8", per_head: str = "tensor",
+                opset: int = 17,
+                image_size: int | tuple[int, int] | None = None) -> ExportReport:
+    """Write ``qmodel`` (fake-quantized: from ``fastquant.quantize`` or ``fastquant.load``) to
+    ``path`` as a QDQ ONNX model (input ``images`` N x C x H x W, output ``logits``; the batch
+    dimension is dynamic). ``softmax``: ``"uint8"`` or ``"exact"``; ``per_head``: ``"tensor"``
+    or ``"exact"`` (see the module docstring).
+    Returns an ``ExportReport``. The file is written atomically: on any error nothing is left."""
+    if softmax not in SOFTMAX_FORMS:
+        raise FastquantError(f"softmax must be one of {', '.join(SOFTMAX_FORMS)}, got {softmax!r}")
+    if per_head not in PER_HEAD_FORMS:
+        raise FastquantError(f"per_head must be one of {', '.join(PER_HEAD_FORMS)}, got {per_head!r}")
+    if not isinstance(opset, int) or isinstance(opset, bool) or opset < MIN_OPSET:
+        raise FastquantError(f"opset must be an integer >= {MIN_OPSET} (per-axis QDQ), got {opset!r}")
+    if not isinstance(qmodel, nn.Module):
+        raise FastquantError(f"export_onnx needs a quantized nn.Module, got {type(qmodel).__name__}")
+    rec = record_of(qmodel)
+    if rec is None or rec.config is None:
+        raise FastquantError("export_onnx needs a model from fastquant.quantize or fastquant.load")
+    if rec.deploy is not None:
+        raise FastquantError("export_onnx takes the fake-quantized model, not a converted one "
+                             "(export the model before fastquant.convert)")
+    if any(isinstance(m, Learnable) for m in qmodel.modules()):
+        raise FastquantError("the model still holds reconstruction wrappers (a reconstruction did not finish)")
+    if any(q.mode != "quant" for q in qmodel.modules() if isinstance(q, Quantizer)):
+        raise FastquantError("every quantizer must be calibrated (mode 'quant') before export")
+    path = check_writable(path, "the ONNX file")
+    ex, done = _export_copy(qmodel, softmax, per_head)
+    x = _example_input(ex, image_size)
+
+    def write(tmp):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(ex, (x,), str(tmp), dynamo=False, opset_version=opset, input_names=["images"],
+                              output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                              do_constant_folding=True)
+
+    try:
+        with torch.no_grad():
+            atomic_write(path, write)
+    except FastquantError:
+        raise
+    except Exception as exc:  # the exporter's own errors: one line naming the cause
+        raise FastquantError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                             ) from exc
+    return ExportReport(path=str(path), opset=opset, **done)
