@@ -8,7 +8,11 @@ precision (fp32 eager on the CPU, fp16 on a GPU), the fake-quantized model, fast
 W8A8 and W4A8 deployments (``fastquant.convert``: integer GEMMs; the cpu backend on the
 CPU; on a GPU each of the cuda and triton backends that is available, with the attention
 fused where the softmax is log-quantized, run in fp16 like the baseline) and the peers:
-on the CPU torch's dynamic int8 quantization of the Linear layers, on a GPU torchao's
+on the CPU torch's dynamic int8 quantization of the Linear layers and (bench/peers.py,
+unless --no-peers) fastquant's W8A8 exported to ONNX (``fastquant.export_onnx``) and run in
+ONNX Runtime and OpenVINO, ONNX Runtime's int8 dynamic and static QDQ quantization and
+OpenVINO's int8 through NNCF (each skipped with the reason when its package is missing;
+``--pin`` pins the cores, ``--threads`` sets every runtime's threads), on a GPU torchao's
 int8 dynamic quantization when its wheel is installed (skipped with the reason otherwise). Each variant gets 3 warm-up calls, then the variants are timed in interleaved
 rounds (one call each per round), so a shared machine's drift hits all of them alike. dinov2-s14-fmnist is
 quantized with repq on 128 Fashion-MNIST training images and the W8A8 deployment's top-1
@@ -98,10 +102,11 @@ def versions() -> dict:
     from fastquant._compat import import_timm  # timm beside a CPU-only torch needs fastquant's shim
 
     v = {"python": platform.python_version(), "torch": torch.__version__, "timm": import_timm().__version__}
-    try:
-        v["triton"] = __import__("triton").__version__
-    except ImportError:
-        v["triton"] = None
+    for pkg in ("triton", "onnxruntime", "openvino", "nncf"):
+        try:
+            v[pkg] = __import__(pkg).__version__
+        except ImportError:
+            v[pkg] = None
     return v
 
 
@@ -130,7 +135,7 @@ def median_ms(fns: dict, reps: int, warmup: int = 3, max_seconds: float = 120.0)
 
 
 # -- models ------------------------------------------------------------------------------
-def prepare(name: str, device: torch.device, eval_size: int):
+def prepare(name: str, device: torch.device, eval_size: int, peers: bool = False):
     """{variant: model} for one model name, and accuracy figures (dinov2 only)."""
     import fastquant
     from fastquant.data import calibration_indices, load_dataset, stack
@@ -180,6 +185,18 @@ def prepare(name: str, device: torch.device, eval_size: int):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             variants["torch dynamic int8"] = quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+        if peers:  # the other CPU runtimes (bench/peers.py), each skipped with the reason when missing
+            import tempfile
+
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from peers import peer_variants
+
+            work = Path(tempfile.mkdtemp(prefix="fastquant-peers-"))
+            found, missing = peer_variants(model, variants["fake W8A8"], calib.cpu(), dcfg.img_size,
+                                           torch.get_num_threads(), work)
+            variants.update(found)
+            info["skipped"].update(missing)
+            info["peers_threads"] = torch.get_num_threads()
     if device.type == "cuda":  # the GPU peer, when its wheel is installed and matches this torch
         try:
             from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
@@ -193,7 +210,7 @@ def prepare(name: str, device: torch.device, eval_size: int):
     if real_data and eval_size:
         test = load_dataset("fmnist", "test", dcfg)
         acc = {"fp32": evaluate(model, test, eval_size, 100, progress=False)}
-        for k in [k for k in variants if k.startswith(("fake W", "fastquant W"))]:
+        for k in [k for k in variants if k.startswith(("fake W", "fastquant W", "torch dynamic", "ORT", "OpenVINO"))]:
             try:
                 acc[k] = evaluate(variants[k], test, eval_size, 100, progress=False)
             except Exception as exc:  # noqa: BLE001 - recorded, the other variants go on
@@ -226,7 +243,7 @@ def _bench_model(name: str, args, device, env, records: list[dict]):
     in the model's ``e2e_info`` record (``failed``)."""
     print(f"\n## {name}: preparing (quantize, convert{', evaluate' if name.endswith('-fmnist') else ''})",
           flush=True)
-    variants, info = prepare(name, device, args.eval_size)
+    variants, info = prepare(name, device, args.eval_size, peers=args.peers and device.type == "cpu")
     if "top1" in info:
         print("top-1 on the first", info["eval_size"], "test images:",
               ", ".join(f"{k} {v:.2f}" for k, v in info["top1"].items()))
@@ -623,6 +640,11 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=10, help="timed runs per measurement")
     p.add_argument("--eval-size", type=int, default=2000, help="test images for the accuracy check (0: none)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--no-peers", dest="peers", action="store_false",
+                   help="on the CPU, leave out the other runtimes (bench/peers.py: fastquant's ONNX export in ONNX "
+                        "Runtime and OpenVINO, their own int8 quantization); each is skipped when its package "
+                        "is missing (pip install -e .[peers])")
+    p.add_argument("--pin", help="pin the process to these CPUs, e.g. 0 or 0,1 (Linux)")
     p.add_argument("--smoke", action="store_true",
                    help="the kernel sections on tiny shapes, on the CPU through Triton's interpreter (set "
                         "TRITON_INTERPRET=1): runs every line of the GPU benchmarks, measures nothing")
@@ -632,10 +654,16 @@ def main(argv=None):
     unknown = set(sections) - {"e2e", "kernels", "recon", "load"}
     if unknown:
         p.error(f"unknown section(s): {', '.join(sorted(unknown))} (choose from e2e, kernels, recon, load)")
+    if args.pin:
+        try:
+            os.sched_setaffinity(0, {int(c) for c in args.pin.split(",")})
+        except (AttributeError, ValueError, OSError) as exc:
+            p.error(f"--pin {args.pin}: {exc}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    env = {"device": device_name(device), "commit": commit(), **versions()}
+    env = {"device": device_name(device), "commit": commit(), **versions(), "threads": torch.get_num_threads(),
+           "pinned": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
     print(f"device: {env['device']}; torch {env['torch']}, timm {env['timm']}, triton {env['triton']}; "
           f"commit {env['commit']}")
     out = args.json or ROOT / "bench" / "results" / f"run_{'cuda' if device.type == 'cuda' else 'cpu'}.json"
