@@ -281,6 +281,175 @@ at::Tensor fake_quant_log(const at::Tensor& x, double scale, int64_t steps, cons
   return out;
 }
 
+
+// ---------------------------------------------------------------------------------------
+// The fused quantized attention (fastquant/ops/attention.py states the contract): for one
+// (batch, head) per task, Q, K and V quantized to int16-held codes with their row sums,
+// T = a_q a_k^T + corrections in int32 (exact), S = T * (s_q s_k) * sm_scale, the softmax
+// in fp32, the probabilities' codes (log2 / log-sqrt2 by the nearest level in value, as
+// fake_quant_log_span; or uniform, p_steps = 0: clamp(round(P / p_scale), 0, 2^p_bits - 1))
+// and P' V: in fp32 for log levels (P' (a_v + c_v): exact powers of two times integers,
+// summed in fp32),
+// in int32 for uniform codes (exact). Output [B, N, H, D] float32.
+
+// out[j] = sum_d a[d] * b[j * d_ + d] for j < n (int16 codes, int32 sums: exact).
+FQ_CLONES void qk_row(const int16_t* a, const int16_t* b, int64_t n, int64_t d_, int32_t* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    const int16_t* bj = b + j * d_;
+    int32_t acc = 0;
+    for (int64_t d = 0; d < d_; ++d) acc += static_cast<int32_t>(a[d]) * static_cast<int32_t>(bj[d]);
+    out[j] = acc;
+  }
+}
+
+// acc[d] += w[j] * v[j * d_ + d] over j with w[j] != 0 (fp32).
+FQ_CLONES void pv_row_float(const float* w, const float* v, int64_t n, int64_t d_, float* acc) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float wj = w[j];
+    if (wj == 0.0f) continue;
+    const float* vj = v + j * d_;
+    for (int64_t d = 0; d < d_; ++d) acc[d] += wj * vj[d];
+  }
+}
+
+// acc[d] += c[j] * v[j * d_ + d] over j with c[j] != 0 (int32, exact).
+FQ_CLONES void pv_row_int(const int32_t* c, const int16_t* v, int64_t n, int64_t d_, int32_t* acc) {
+  for (int64_t j = 0; j < n; ++j) {
+    const int32_t cj = c[j];
+    if (cj == 0) continue;
+    const int16_t* vj = v + j * d_;
+    for (int64_t d = 0; d < d_; ++d) acc[d] += cj * static_cast<int32_t>(vj[d]);
+  }
+}
+
+// Codes of rows [n, d_] of a strided [N, D] view (D contiguous) into int16, with row sums.
+void quantize_rows16(const float* x, int64_t row_stride, int64_t n, int64_t d_, float s, float z, float qmax,
+                     float o, int16_t* a, int32_t* sums) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float* xi = x + i * row_stride;
+    int32_t sum = 0;
+    for (int64_t d = 0; d < d_; ++d) {
+      float q = std::nearbyint(xi[d] / s) + z;
+      q = std::min(std::max(q, 0.0f), qmax) - o;
+      const int32_t c = static_cast<int32_t>(q);
+      a[i * d_ + d] = static_cast<int16_t>(c);
+      sum += c;
+    }
+    sums[i] = sum;
+  }
+}
+
+// The log quantizer's code of p (as fake_quant_log_span: the nearer of the level at or
+// above p, found from p's exponent and mantissa, and the next one down).
+inline int log_code(float p, float scale, int steps, int zero_code, const float* levels) {
+  constexpr float kSqrt2 = 1.41421356237309504880f;
+  const float r = std::max(p / scale, 1e-30f);
+  int e;
+  const float m = 2.0f * std::frexp(r, &e);
+  int up = 0;
+  if (m > 1.0f) up = (steps == 1) ? 1 : (m > kSqrt2 ? 2 : 1);
+  int hi = -steps * (e - 1) - up;
+  hi = std::min(std::max(hi, 0), zero_code);
+  const int lo = std::min(hi + 1, zero_code);
+  return (std::fabs(levels[hi] - p) <= std::fabs(p - levels[lo])) ? hi : lo;
+}
+
+at::Tensor quant_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& s_q,
+                           const at::Tensor& z_q, const at::Tensor& s_k, const at::Tensor& z_k, double s_v,
+                           double z_v, int64_t a_bits, double sm_scale, double p_scale, int64_t p_steps,
+                           int64_t p_bits, const at::Tensor& levels, const at::Tensor& weights) {
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 4,
+                "quant_attention: q, k, v must be 4-D float32 CPU tensors [B, H, N, D]");
+    TORCH_CHECK(t->sizes() == q.sizes(), "quant_attention: q, k and v must have one shape");
+  }
+  TORCH_CHECK(a_bits >= 2 && a_bits <= 8, "quant_attention: a_bits must be 2..8, got ", a_bits);
+  TORCH_CHECK(p_steps >= 0 && p_steps <= 2, "quant_attention: p_steps must be 0 (uniform), 1 or 2, got ", p_steps);
+  TORCH_CHECK(p_bits >= 2 && p_bits <= 8, "quant_attention: p_bits must be 2..8, got ", p_bits);
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
+  check_vec(s_q, H, "s_q");
+  check_vec(z_q, H, "z_q");
+  check_vec(s_k, H, "s_k");
+  check_vec(z_k, H, "z_k");
+  const int zero_code = (1 << p_bits) - 1;
+  if (p_steps > 0) {
+    check_vec(levels, zero_code + 1, "levels");
+    check_vec(weights, zero_code + 1, "weights");
+  }
+  // D contiguous (a view of the qkv projection's output is): otherwise copy
+  const at::Tensor qc = q.stride(3) == 1 ? q : q.contiguous();
+  const at::Tensor kc = k.stride(3) == 1 ? k : k.contiguous();
+  const at::Tensor vc = v.stride(3) == 1 ? v : v.contiguous();
+  at::Tensor out = at::empty({B, N, H, D}, q.options());
+  const float qmax = static_cast<float>((1 << a_bits) - 1), o = static_cast<float>(1 << (a_bits - 1));
+  const float* sqp = s_q.data_ptr<float>();
+  const float* zqp = z_q.data_ptr<float>();
+  const float* skp = s_k.data_ptr<float>();
+  const float* zkp = z_k.data_ptr<float>();
+  const float* lv = p_steps > 0 ? levels.data_ptr<float>() : nullptr;
+  const float* pw = p_steps > 0 ? weights.data_ptr<float>() : nullptr;
+  const float sv = static_cast<float>(s_v), zv = static_cast<float>(z_v), ps = static_cast<float>(p_scale);
+  const int32_t c_v = static_cast<int32_t>(o - zv);
+  const float amp = ps * sv;
+  const float pqmax = static_cast<float>(zero_code);
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int16_t> aq(N * D), ak(N * D), av(N * D);
+    std::vector<int32_t> rq(N), rk(N), rv(N), t(N), pc(N), acc_i(D);
+    std::vector<float> avf(N * D), srow(N), w(N), acc_f(D);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const float sq = sqp[h], zq = zqp[h], sk = skp[h], zk = zkp[h];
+      quantize_rows16(qc.data_ptr<float>() + b * qc.stride(0) + h * qc.stride(1), qc.stride(2), N, D, sq, zq, qmax,
+                      o, aq.data(), rq.data());
+      quantize_rows16(kc.data_ptr<float>() + b * kc.stride(0) + h * kc.stride(1), kc.stride(2), N, D, sk, zk, qmax,
+                      o, ak.data(), rk.data());
+      quantize_rows16(vc.data_ptr<float>() + b * vc.stride(0) + h * vc.stride(1), vc.stride(2), N, D, sv, zv, qmax,
+                      o, av.data(), rv.data());
+      if (p_steps > 0)  // a_v + c_v: the sum of P' (a_v + c_v) has no cancelling correction term
+        for (int64_t x = 0; x < N * D; ++x) avf[x] = static_cast<float>(av[x] + c_v);
+      const int32_t c_q = static_cast<int32_t>(o - zq), c_k = static_cast<int32_t>(o - zk);
+      const float mult = (sq * sk) * static_cast<float>(sm_scale);
+      const int32_t dcc = static_cast<int32_t>(D) * c_q * c_k;
+      for (int64_t i = 0; i < N; ++i) {
+        qk_row(aq.data() + i * D, ak.data(), N, D, t.data());
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < N; ++j) {
+          const int32_t tij = t[j] + c_k * rq[i] + c_q * rk[j] + dcc;
+          srow[j] = static_cast<float>(tij) * mult;
+          mx = std::max(mx, srow[j]);
+        }
+        float sum = 0.0f;
+        for (int64_t j = 0; j < N; ++j) {
+          srow[j] = std::exp(srow[j] - mx);
+          sum += srow[j];
+        }
+        float* oi = op + ((b * N + i) * H + h) * D;
+        if (p_steps > 0) {
+          for (int64_t j = 0; j < N; ++j)
+            w[j] = pw[log_code(srow[j] / sum, ps, static_cast<int>(p_steps), zero_code, lv)];
+          std::fill(acc_f.begin(), acc_f.end(), 0.0f);
+          pv_row_float(w.data(), avf.data(), N, D, acc_f.data());
+          for (int64_t d = 0; d < D; ++d) oi[d] = amp * acc_f[d];
+        } else {
+          int32_t csum = 0;
+          for (int64_t j = 0; j < N; ++j) {
+            float c = std::nearbyint((srow[j] / sum) / ps);
+            c = std::min(std::max(c, 0.0f), pqmax);
+            pc[j] = static_cast<int32_t>(c);
+            csum += pc[j];
+          }
+          std::fill(acc_i.begin(), acc_i.end(), 0);
+          pv_row_int(pc.data(), av.data(), N, D, acc_i.data());
+          for (int64_t d = 0; d < D; ++d)
+            oi[d] = amp * static_cast<float>(acc_i[d] + c_v * csum);
+        }
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -298,4 +467,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("scale"), py::arg("zero_point"), py::arg("inner"), py::arg("bits"));
   m.def("fake_quant_log", &fake_quant_log, "a log quantizer's nearest level, (xq - x) + x, in one pass",
         py::arg("x"), py::arg("scale"), py::arg("steps"), py::arg("levels"));
+  m.def("quant_attention", &quant_attention,
+        "the fused quantized attention (fastquant/ops/attention.py): q, k, v [B, H, N, D] float32 -> "
+        "[B, N, H, D] float32; p_steps 0: uniform softmax codes, 1/2: log2/log-sqrt2 (levels: the level "
+        "values, weights: 2^(-code / p_steps), 0 for the zero code)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("s_q"), py::arg("z_q"), py::arg("s_k"), py::arg("z_k"),
+        py::arg("s_v"), py::arg("z_v"), py::arg("a_bits"), py::arg("sm_scale"), py::arg("p_scale"),
+        py::arg("p_steps"), py::arg("p_bits"), py::arg("levels"), py::arg("weights"));
 }

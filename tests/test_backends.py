@@ -22,7 +22,7 @@ EXPECTED_OPS = {"quantize_per_token_int8", "quantize_asym", "int8_gemm", "pack_w
                 "fq_attention_fwd", "fq_attention_bwd"}
 # Which backends implement which ops (a backend missing here must say why).
 IMPLEMENTS = {
-    "cpu": {"int8_linear", "fake_quant_uniform", "fake_quant_log"},
+    "cpu": {"int8_linear", "fake_quant_uniform", "fake_quant_log", "quant_attention"},
     "triton": {"quantize_per_token_int8", "quantize_asym", "int8_gemm", "int8_linear", "quant_attention",
                "fq_linear_fwd", "fq_linear_bwd", "fq_attention_fwd", "fq_attention_bwd"},
     "cuda": {"quantize_per_token_int8", "quantize_asym", "int8_gemm", "pack_weight_int4", "int8_linear",

@@ -274,11 +274,13 @@ def test_why_not_fused_names_the_reason(tiny, tiny_data):
 
     model, _, _ = tiny
     calib, _ = tiny_data
-    for cfg, match in ((dict(softmax="uniform"), "not log-quantized"),
-                       (dict(per_token=True, qk_per_head=False), "fixed step")):
+    for cfg, backend, match in ((dict(softmax="uniform"), "triton", "uniformly quantized (the triton kernel"),
+                                (dict(softmax="uniform"), "cpu", ""),
+                                (dict(per_token=True, qk_per_head=False), "cpu", "fixed step")):
         q = fastquant.quantize(model, calib[:16], fastquant.QuantConfig(method="rtn", w_bits=8, a_bits=8, **cfg),
                                progress=False)
-        assert match in FusedQuantAttention.why_not(q.blocks[0].attn)
+        reason = FusedQuantAttention.why_not(q.blocks[0].attn, backend)
+        assert match in reason and (reason == "") == (match == "")
 
 
 @needs_gpu

@@ -226,7 +226,7 @@ _BAD_INPUTS = [  # (argument index -> replacement, the error message expected)
     ({7: torch.ones(2)}, r"s_v must be a scalar"),
     ({9: 9}, r"a_bits must be 2\.\.8, got 9"),
     ({10: 0.0}, r"sm_scale must be positive and finite"),
-    ({12: 3}, r"p_steps must be 1 \(log2\) or 2 \(log-sqrt2\), got 3"),
+    ({12: 3}, r"p_steps must be 0 \(uniform\), 1 \(log2\) or 2 \(log-sqrt2\), got 3"),
     ({13: 1}, r"p_bits must be 2\.\.8, got 1"),
 ]
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.attention import QUANT_ATTENTION
 from ..ops.fake_quant import FAKE_QUANT_LOG, FAKE_QUANT_UNIFORM
 from ..ops.int8_linear import INT8_LINEAR
+from ..quant.functional import log_levels
 from .availability import CPU_EXT_AVAILABLE, CPU_EXT_REASON
 
-OPS = (INT8_LINEAR, FAKE_QUANT_UNIFORM, FAKE_QUANT_LOG)
+OPS = (INT8_LINEAR, FAKE_QUANT_UNIFORM, FAKE_QUANT_LOG, QUANT_ATTENTION)
 
 
 def _no_grad_float32(x: torch.Tensor) -> bool:
@@ -56,10 +58,39 @@ def fake_quant_log_supports(x, scale, steps, levels) -> bool:
     return _no_grad_float32(x)
 
 
+_TABLES: dict = {}  # (p_scale, p_steps, p_bits) -> (levels, 2^(-code / p_steps)) of the log quantizer
+
+
+def _log_tables(p_scale: float, p_steps: int, p_bits: int):
+    key = (p_scale, p_steps, p_bits)
+    if key not in _TABLES:
+        zero_code = (1 << p_bits) - 1
+        codes = torch.arange(zero_code + 1)
+        levels = log_levels(codes, p_scale, p_steps, zero_code).float().contiguous()
+        weights = torch.where(codes == zero_code, torch.zeros(()), torch.exp2(-codes.float() / p_steps)).contiguous()
+        _TABLES[key] = (levels, weights)
+    return _TABLES[key]
+
+
+def quant_attention(q, k, v, s_q, z_q, s_k, z_k, s_v, z_v, a_bits, sm_scale, p_scale, p_steps, p_bits):
+    from fastquant import _C_cpu
+
+    levels, weights = (_log_tables(float(p_scale), int(p_steps), int(p_bits)) if p_steps
+                       else (torch.empty(0), torch.empty(0)))
+    return _C_cpu.quant_attention(q.float(), k.float(), v.float(), *(t.float().contiguous() for t in (s_q, z_q, s_k, z_k)),
+                                  float(s_v), float(z_v), int(a_bits), float(sm_scale), float(p_scale), int(p_steps),
+                                  int(p_bits), levels, weights)
+
+
+def quant_attention_supports(q, *args) -> bool:
+    return q.shape[3] <= 256 and (q.device.type != "cpu" or _no_grad_float32(q))
+
+
 if CPU_EXT_AVAILABLE:
     INT8_LINEAR.register("cpu", int8_linear, ("cpu",), int8_linear_supports)
     FAKE_QUANT_UNIFORM.register("cpu", fake_quant_uniform, ("cpu",), fake_quant_uniform_supports)
     FAKE_QUANT_LOG.register("cpu", fake_quant_log, ("cpu",), fake_quant_log_supports)
+    QUANT_ATTENTION.register("cpu", quant_attention, ("cpu",), quant_attention_supports)
 else:
     for op in OPS:
         op.unavailable("cpu", CPU_EXT_REASON)

@@ -83,8 +83,9 @@ def _levels(p_scale: float, p_steps: int, p_bits: int, device: torch.device) -> 
 
 
 def quant_attention_supports(q, *args) -> bool:
-    """The kernel holds a whole row of keys in shared memory: head dim 64, N <= 256."""
-    return q.shape[3] == 64 and q.shape[2] <= 256
+    """The kernel holds a whole row of keys in shared memory: head dim 64, N <= 256; the log
+    softmax quantizers (p_steps 1, 2) only."""
+    return q.shape[3] == 64 and q.shape[2] <= 256 and (len(args) < 12 or args[11] in (1, 2))
 
 
 def _cuda_rows(x2, *args) -> bool:

@@ -53,7 +53,8 @@ def int8_linear(x2, weight, a_bits, per_token, x_scale, x_zero, w_scale, w_corr,
 
 
 def quant_attention_supports(q, *args) -> bool:
-    return q.shape[3] in (16, 32, 64, 128)
+    """Head dims 16 to 128; the log softmax quantizers (p_steps 1, 2) only."""
+    return q.shape[3] in (16, 32, 64, 128) and (len(args) < 12 or args[11] in (1, 2))
 
 
 if TRITON_AVAILABLE:

@@ -61,7 +61,7 @@ def fuse_attention(model: nn.Module, backend: str) -> tuple[list[str], dict[str,
     for name, m in list(model.named_modules()):
         if not isinstance(m, QuantAttention):
             continue
-        reason = FusedQuantAttention.why_not(m)
+        reason = FusedQuantAttention.why_not(m, backend)
         if not reason and not QUANT_ATTENTION.available(backend):
             reason = QUANT_ATTENTION.why_not(backend)
         if reason:
@@ -81,7 +81,7 @@ def convert(qmodel: nn.Module, backend: str = "auto", *, inplace: bool = False) 
     CUDA device: the Triton quantize and int8 GEMM kernels), ``cuda`` (a model on a CUDA
     device: the CUDA C++ kernels of ``csrc/``), ``torch`` (the PyTorch twins, any device), or
     ``auto`` (the best one there: ``cpu`` on the CPU, ``cuda`` then ``triton`` on a GPU,
-    else ``torch``). With ``triton`` and ``cuda`` the attention blocks whose quantizers allow
+    else ``torch``). With ``cpu``, ``triton`` and ``cuda`` the attention blocks whose quantizers allow
     it become :class:`FusedQuantAttention`: one kernel from Q, K, V to the attention output.
     The result's record (``fastquant.record_of(model).deploy``) is a :class:`DeployReport`.
     """
@@ -108,7 +108,7 @@ def convert(qmodel: nn.Module, backend: str = "auto", *, inplace: bool = False) 
     if not converted:
         raise FastquantError("no layer of this model can run on integers: "
                              + "; ".join(f"{n}: {r}" for n, r in list(kept.items())[:3]))
-    fused, unfused = fuse_attention(model, backend) if backend in ("triton", "cuda") else ([], {})
+    fused, unfused = fuse_attention(model, backend) if backend in ("cpu", "triton", "cuda") else ([], {})
     for m in model.modules():  # the other attention matmuls stay fake-quantized (one pass each on the CPU)
         if isinstance(m, QuantMatMul):
             m.a_quant, m.b_quant = deployed_quantizer(m.a_quant), deployed_quantizer(m.b_quant)

@@ -240,8 +240,9 @@ class KernelLogQuant(LogQuantizer):
 
 class FusedQuantAttention(QuantAttention):
     """A deployed :class:`~fastquant.nn.QuantAttention` whose quantized Q K^T, softmax,
-    log-quantized probabilities and P V run as one op, ``quant_attention``, on
-    ``fused_backend`` (``cuda``: csrc/quant_attention.cu, head dim 64 and up to 256 tokens;
+    quantized probabilities and P V run as one op, ``quant_attention``, on ``fused_backend``
+    (``cpu``: csrc/cpu_int8.cpp, log or uniform softmax codes, head dims up to 256;
+    ``cuda``: csrc/quant_attention.cu, head dim 64 and up to 256 tokens;
     ``triton``: kernels/attention.py, head dims 16 to 128, powers of two, any length;
     ``torch``: the PyTorch twin, for tests). Inputs the backend does not take (a mask, other
     shapes) run the fake-quant forward. Same parameters and state-dict names as the module
@@ -251,11 +252,12 @@ class FusedQuantAttention(QuantAttention):
     fused_backend = "torch"
 
     @staticmethod
-    def why_not(attn: nn.Module) -> str:
-        """Why the quantized attention ``attn`` cannot run as one fused op ('' if it can):
-        the kernels take plain timm attention whose Q and K are uniformly quantized per
-        tensor or per head, the probabilities by a log quantizer and V per tensor, all
-        calibrated, with one bit width for Q, K and V."""
+    def why_not(attn: nn.Module, backend: str = "cpu") -> str:
+        """Why the quantized attention ``attn`` cannot run as one fused op on ``backend`` ('' if
+        it can): the kernels take plain timm attention whose Q and K are uniformly quantized
+        per tensor or per head, the probabilities by a log quantizer (on the CPU also by a
+        uniform one with zero point 0) and V per tensor, all calibrated, with one bit width
+        for Q, K and V."""
         if type(attn) is not QuantAttention:
             return f"{type(attn).__name__} is not plain ViT attention"
         qq, kq = attn.matmul_qk.a_quant, attn.matmul_qk.b_quant
@@ -266,8 +268,12 @@ class FusedQuantAttention(QuantAttention):
                 return f"its {name} is not quantized by a calibrated uniform quantizer with a fixed step"
         if qq.scale.numel() not in (1, heads) or kq.scale.numel() not in (1, heads) or vq.scale.numel() != 1:
             return "its Q and K steps are not per tensor or per head, or V's not per tensor"
-        if not isinstance(pq, Quantizer) or pq.kind != "log" or pq.mode != "quant":
-            return "its softmax probabilities are not log-quantized"
+        uniform_p = (isinstance(pq, Quantizer) and pq.kind == "uniform" and pq.mode == "quant" and not pq.per_token
+                     and pq.scale.numel() == 1 and float(pq.zero_point) == 0.0)
+        if uniform_p and backend in ("triton", "cuda"):
+            return f"its softmax probabilities are uniformly quantized (the {backend} kernel takes log quantizers)"
+        if not uniform_p and (not isinstance(pq, Quantizer) or pq.kind != "log" or pq.mode != "quant"):
+            return "its softmax probabilities are not log-quantized (nor uniformly, per tensor, with zero point 0)"
         if not qq.bits == kq.bits == vq.bits:
             return "Q, K and V have different bit widths"
         if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
@@ -282,8 +288,9 @@ class FusedQuantAttention(QuantAttention):
         self.fused_backend = backend
         per_head = [u.scale.reshape(-1).float().expand(heads).contiguous() for u in (qq, kq)]
         zeros = [u.zero_point.reshape(-1).float().expand(heads).contiguous() for u in (qq, kq)]
+        p_steps = pq.steps_per_octave if pq.kind == "log" else 0  # 0: uniform codes (quant_attention's contract)
         self._op_args = (per_head[0], zeros[0], per_head[1], zeros[1], float(vq.scale), float(vq.zero_point),
-                         qq.bits, float(self.scale), float(pq.scale), pq.steps_per_octave, pq.bits)
+                         qq.bits, float(self.scale), float(pq.scale), p_steps, pq.bits)
         return self
 
     def _op_takes(self, x: torch.Tensor, q: torch.Tensor, attn_mask, is_causal: bool) -> bool:
@@ -291,6 +298,9 @@ class FusedQuantAttention(QuantAttention):
             return False
         if self.fused_backend == "torch":
             return True
+        if self.fused_backend == "cpu":
+            return (x.device.type == "cpu" and x.dtype == torch.float32
+                    and not (torch.is_grad_enabled() and x.requires_grad) and QUANT_ATTENTION.supports("cpu", q))
         if not (x.is_cuda or (self.fused_backend == "triton" and backends.triton_interpret())):
             return False
         return QUANT_ATTENTION.supports(self.fused_backend, q)

@@ -5,8 +5,8 @@ Contract. Inputs q, k, v [B, H, N, D] (any strides; read as float32), for each h
 the uniform quantizers' steps and zero points of Q and K (``s_q[h]``, ``z_q[h]``,
 ``s_k[h]``, ``z_k[h]``: one value per head, a per-tensor quantizer repeated) and of V
 (``s_v``, ``z_v``: per tensor), all with ``a_bits`` bits; the softmax scale ``sm_scale``;
-the log quantizer of the probabilities (``p_scale``, ``p_steps`` = 1 for log2 or 2 for
-log-sqrt2, ``p_bits``). With ``qmax = 2^a_bits - 1`` and ``o = 2^(a_bits - 1)``:
+the quantizer of the probabilities (``p_scale``, ``p_bits``; ``p_steps`` = 1 for log2 or 2
+for log-sqrt2, or 0 for a uniform quantizer with step ``p_scale`` and zero point 0). With ``qmax = 2^a_bits - 1`` and ``o = 2^(a_bits - 1)``:
 
     a_x   = clamp(round(x / s_x) + z_x, 0, qmax) - o          int8 codes (X = Q, K, V)
     c_x   = o - z_x                                          (an integer: x~ = s_x (a_x + c_x))
@@ -16,6 +16,7 @@ log-sqrt2, ``p_bits``). With ``qmax = 2^a_bits - 1`` and ``o = 2^(a_bits - 1)``:
     e     = the log quantizer's code of P (quant.functional.log_codes: the nearest level
             p_scale 2^(-e / p_steps) in value, or the zero code 2^p_bits - 1 for 0)
     P'    = 2^(-e / p_steps), 0 for the zero code
+            (p_steps = 0, uniform: P' = clamp(round(P / p_scale), 0, 2^p_bits - 1))
     O     = (p_scale s_v) * (P' a_v + c_v rowsum(P'))        [B, N, H, D]
 
 ``T`` is ``(Q~ K~^T) / (s_q s_k)`` computed on integers, so ``S`` is what the fake-quant
@@ -29,7 +30,9 @@ the order of its sums, and P' held in fp16 for the tensor-core P V as exact powe
 two (log-sqrt2's odd levels as 2^(-(e+1)/2), their product scaled by sqrt(2) in fp32),
 which flushes levels below 2^-24 to zero. A rounding difference can move a probability
 lying on a level midpoint to the neighbouring level; tests bound the output difference
-accordingly (tests/test_kernels_attention.py derives the bound).
+accordingly (tests/test_kernels_attention.py derives the bound). The GPU kernels take the
+log quantizers only (p_steps 1, 2); the CPU kernel (csrc/cpu_int8.cpp) takes all three, with
+uniform codes' P' V summed in int32 (exact).
 """
 from __future__ import annotations
 
@@ -64,8 +67,11 @@ def torch_quant_attention(q, k, v, s_q, z_q, s_k, z_k, s_v, z_v, a_bits: int, sm
     s = t.to(torch.float32) * ((s_q * s_k) * torch.tensor(sm_scale, dtype=torch.float32))
     p = torch.softmax(s, dim=-1)
     zero_code = (1 << p_bits) - 1
-    e = log_codes(p, p_scale, p_steps, zero_code)
-    pp = torch.where(e == zero_code, torch.zeros_like(p), torch.exp2(-e.float() / p_steps))
+    if p_steps == 0:  # uniform codes, zero point 0
+        pp = torch.clamp(torch.round(p / torch.tensor(p_scale, dtype=torch.float32)), 0, zero_code)
+    else:
+        e = log_codes(p, p_scale, p_steps, zero_code)
+        pp = torch.where(e == zero_code, torch.zeros_like(p), torch.exp2(-e.float() / p_steps))
     pv = pp.double() @ a_v.double() + c_v.double() * pp.double().sum(-1, keepdim=True)
     out = (torch.tensor(p_scale, dtype=torch.float32) * s_v) * pv.float()
     return out.transpose(1, 2).contiguous()
@@ -96,7 +102,7 @@ def quant_attention(q, k, v, s_q, z_q, s_k, z_k, s_v, z_v, a_bits: int, sm_scale
     """The contract above, checked: ``q``, ``k``, ``v`` [B, H, N, D] of one float dtype (fp16,
     bf16 or fp32), D a power of two from 16 to 128; ``s_q``, ``z_q``, ``s_k``, ``z_k``: one
     value per head ([H]); ``s_v``, ``z_v``, ``p_scale``: floats or 1-element tensors;
-    ``a_bits`` 2..8; ``sm_scale`` > 0; ``p_steps`` 1 (log2) or 2 (log-sqrt2); ``p_bits``
+    ``a_bits`` 2..8; ``sm_scale`` > 0; ``p_steps`` 0 (uniform), 1 (log2) or 2 (log-sqrt2); ``p_bits``
     2..8. Returns [B, N, H, D] (float32 from ``torch``, q's dtype from the kernels).
     ``backend``: None (the tensors' preferred one) or a backend name; ``options`` go to it."""
     name = "quant_attention"
@@ -104,10 +110,12 @@ def quant_attention(q, k, v, s_q, z_q, s_k, z_k, s_v, z_v, a_bits: int, sm_scale
                                "share one dtype among float16, bfloat16 and float32")
     if not 2 <= a_bits <= 8:
         raise ValueError(f"{name}: a_bits must be 2..8, got {a_bits}")
-    if p_steps not in (1, 2):
-        raise ValueError(f"{name}: p_steps must be 1 (log2) or 2 (log-sqrt2), got {p_steps}")
+    if p_steps not in (0, 1, 2):
+        raise ValueError(f"{name}: p_steps must be 0 (uniform), 1 (log2) or 2 (log-sqrt2), got {p_steps}")
     if not 2 <= p_bits <= 8:
         raise ValueError(f"{name}: p_bits must be 2..8, got {p_bits}")
+    if p_steps == 0 and backend in ("triton", "cuda"):
+        raise ValueError(f"{name}: the {backend} kernel takes log softmax quantizers only (p_steps 1 or 2), got 0")
     if not (math.isfinite(sm_scale) and sm_scale > 0):
         raise ValueError(f"{name}: sm_scale must be positive and finite, got {sm_scale}")
     per_head = []
