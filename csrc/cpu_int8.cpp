@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -292,14 +293,45 @@ at::Tensor fake_quant_log(const at::Tensor& x, double scale, int64_t steps, cons
 // summed in fp32),
 // in int32 for uniform codes (exact). Output [B, N, H, D] float32.
 
-// out[j] = sum_d a[d] * b[j * d_ + d] for j < n (int16 codes, int32 sums: exact).
-FQ_CLONES void qk_row(const int16_t* a, const int16_t* b, int64_t n, int64_t d_, int32_t* out) {
-  for (int64_t j = 0; j < n; ++j) {
-    const int16_t* bj = b + j * d_;
-    int32_t acc = 0;
-    for (int64_t d = 0; d < d_; ++d) acc += static_cast<int32_t>(a[d]) * static_cast<int32_t>(bj[d]);
-    out[j] = acc;
+// out[j] = sum_d a[d] * bt[d * n + j] for j < n: one query row against the keys' codes held
+// transposed [D, N], so that the inner loop runs along the keys (int16 codes, int32 sums: exact).
+FQ_CLONES void qk_row(const int16_t* a, const int16_t* bt, int64_t n, int64_t d_, int32_t* out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = 0;
+  for (int64_t d = 0; d < d_; ++d) {
+    const int32_t ad = a[d];
+    const int16_t* bd = bt + d * n;
+    for (int64_t j = 0; j < n; ++j) out[j] += ad * static_cast<int32_t>(bd[j]);
   }
+}
+
+// x[j] = exp(x[j] - mx) for j < n, returns their sum: e^y = 2^k e^r with k = round(y log2 e),
+// r = y - k ln 2 (ln 2 in two parts), e^r by its Taylor polynomial to r^7 (|r| <= ln2 / 2:
+// relative error below 2e-7); y < -87 (a result below the smallest normal float) gives 0.
+FQ_CLONES float exp_row(float* x, int64_t n, float mx) {
+  constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693145751953125f, kLn2Lo = 1.42860682030941723e-6f;
+  float sum = 0.0f;
+  for (int64_t j = 0; j < n; ++j) {
+    float y = x[j] - mx;
+    const bool under = y < -87.0f;
+    y = under ? -87.0f : y;
+    const float kf = std::nearbyint(y * kLog2e);
+    const float r = (y - kf * kLn2Hi) - kf * kLn2Lo;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const int32_t bits = (static_cast<int32_t>(kf) + 127) << 23;
+    float two_k;
+    std::memcpy(&two_k, &bits, sizeof(two_k));
+    const float e = under ? 0.0f : p * two_k;
+    x[j] = e;
+    sum += e;
+  }
+  return sum;
 }
 
 // acc[d] += w[j] * v[j * d_ + d] over j with w[j] != 0 (fp32).
@@ -323,7 +355,7 @@ FQ_CLONES void pv_row_int(const int32_t* c, const int16_t* v, int64_t n, int64_t
 }
 
 // Codes of rows [n, d_] of a strided [N, D] view (D contiguous) into int16, with row sums.
-void quantize_rows16(const float* x, int64_t row_stride, int64_t n, int64_t d_, float s, float z, float qmax,
+FQ_CLONES void quantize_rows16(const float* x, int64_t row_stride, int64_t n, int64_t d_, float s, float z, float qmax,
                      float o, int16_t* a, int32_t* sums) {
   for (int64_t i = 0; i < n; ++i) {
     const float* xi = x + i * row_stride;
@@ -339,19 +371,50 @@ void quantize_rows16(const float* x, int64_t row_stride, int64_t n, int64_t d_, 
   }
 }
 
-// The log quantizer's code of p (as fake_quant_log_span: the nearer of the level at or
-// above p, found from p's exponent and mantissa, and the next one down).
-inline int log_code(float p, float scale, int steps, int zero_code, const float* levels) {
+// c[j] = clamp(round(p[j] / sum / ps), 0, qmax) (uniform softmax codes, zero point 0); returns their sum.
+FQ_CLONES int32_t uniform_codes_row(const float* e, int64_t n, float sum, float ps, float qmax, int32_t* c) {
+  int32_t total = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    float v = std::nearbyint((e[j] / sum) / ps);
+    v = std::min(std::max(v, 0.0f), qmax);
+    c[j] = static_cast<int32_t>(v);
+    total += c[j];
+  }
+  return total;
+}
+
+// S row: T (int32 products plus corrections) times mult; returns its maximum.
+FQ_CLONES float scores_row(const int32_t* t, const int32_t* rk, int64_t n, int32_t base, int32_t c_q, float mult,
+                           float* srow) {
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) {
+    srow[j] = static_cast<float>(t[j] + base + c_q * rk[j]) * mult;
+    mx = std::max(mx, srow[j]);
+  }
+  return mx;
+}
+
+// w[j] = weights[code of P_j = e[j] / sum] (log_code with the exponent and mantissa read from
+// the float's bits, which is frexp for the normal floats r >= 1e-30 takes).
+FQ_CLONES void log_weights_row(const float* e, int64_t n, float sum, float scale, int steps, int zero_code,
+                               const float* levels, const float* weights, float* w) {
   constexpr float kSqrt2 = 1.41421356237309504880f;
-  const float r = std::max(p / scale, 1e-30f);
-  int e;
-  const float m = 2.0f * std::frexp(r, &e);
-  int up = 0;
-  if (m > 1.0f) up = (steps == 1) ? 1 : (m > kSqrt2 ? 2 : 1);
-  int hi = -steps * (e - 1) - up;
-  hi = std::min(std::max(hi, 0), zero_code);
-  const int lo = std::min(hi + 1, zero_code);
-  return (std::fabs(levels[hi] - p) <= std::fabs(p - levels[lo])) ? hi : lo;
+  for (int64_t j = 0; j < n; ++j) {
+    const float p = e[j] / sum;
+    const float r = std::max(p / scale, 1e-30f);
+    int32_t bits;
+    std::memcpy(&bits, &r, sizeof(bits));
+    const int32_t ex = ((bits >> 23) & 0xff) - 127;  // r = m 2^ex, m in [1, 2)
+    const int32_t mbits = (bits & 0x7fffff) | 0x3f800000;
+    float m;
+    std::memcpy(&m, &mbits, sizeof(m));
+    const int up = (m > 1.0f) ? ((steps == 1) ? 1 : (m > kSqrt2 ? 2 : 1)) : 0;
+    int hi = -steps * ex - up;
+    hi = std::min(std::max(hi, 0), zero_code);
+    const int lo = std::min(hi + 1, zero_code);
+    const int c = (std::fabs(levels[hi] - p) <= std::fabs(p - levels[lo])) ? hi : lo;
+    w[j] = weights[c];
+  }
 }
 
 at::Tensor quant_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& s_q,
@@ -394,7 +457,7 @@ at::Tensor quant_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   const float pqmax = static_cast<float>(zero_code);
   float* op = out.data_ptr<float>();
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int16_t> aq(N * D), ak(N * D), av(N * D);
+    std::vector<int16_t> aq(N * D), ak(N * D), akt(N * D), av(N * D);
     std::vector<int32_t> rq(N), rk(N), rv(N), t(N), pc(N), acc_i(D);
     std::vector<float> avf(N * D), srow(N), w(N), acc_f(D);
     for (int64_t bh = begin; bh < end; ++bh) {
@@ -406,39 +469,25 @@ at::Tensor quant_attention(const at::Tensor& q, const at::Tensor& k, const at::T
                       o, ak.data(), rk.data());
       quantize_rows16(vc.data_ptr<float>() + b * vc.stride(0) + h * vc.stride(1), vc.stride(2), N, D, sv, zv, qmax,
                       o, av.data(), rv.data());
+      for (int64_t j = 0; j < N; ++j)
+        for (int64_t d = 0; d < D; ++d) akt[d * N + j] = ak[j * D + d];
       if (p_steps > 0)  // a_v + c_v: the sum of P' (a_v + c_v) has no cancelling correction term
         for (int64_t x = 0; x < N * D; ++x) avf[x] = static_cast<float>(av[x] + c_v);
       const int32_t c_q = static_cast<int32_t>(o - zq), c_k = static_cast<int32_t>(o - zk);
       const float mult = (sq * sk) * static_cast<float>(sm_scale);
       const int32_t dcc = static_cast<int32_t>(D) * c_q * c_k;
       for (int64_t i = 0; i < N; ++i) {
-        qk_row(aq.data() + i * D, ak.data(), N, D, t.data());
-        float mx = -INFINITY;
-        for (int64_t j = 0; j < N; ++j) {
-          const int32_t tij = t[j] + c_k * rq[i] + c_q * rk[j] + dcc;
-          srow[j] = static_cast<float>(tij) * mult;
-          mx = std::max(mx, srow[j]);
-        }
-        float sum = 0.0f;
-        for (int64_t j = 0; j < N; ++j) {
-          srow[j] = std::exp(srow[j] - mx);
-          sum += srow[j];
-        }
+        qk_row(aq.data() + i * D, akt.data(), N, D, t.data());
+        const float mx = scores_row(t.data(), rk.data(), N, c_k * rq[i] + dcc, c_q, mult, srow.data());
+        const float sum = exp_row(srow.data(), N, mx);
         float* oi = op + ((b * N + i) * H + h) * D;
         if (p_steps > 0) {
-          for (int64_t j = 0; j < N; ++j)
-            w[j] = pw[log_code(srow[j] / sum, ps, static_cast<int>(p_steps), zero_code, lv)];
+          log_weights_row(srow.data(), N, sum, ps, static_cast<int>(p_steps), zero_code, lv, pw, w.data());
           std::fill(acc_f.begin(), acc_f.end(), 0.0f);
           pv_row_float(w.data(), avf.data(), N, D, acc_f.data());
           for (int64_t d = 0; d < D; ++d) oi[d] = amp * acc_f[d];
         } else {
-          int32_t csum = 0;
-          for (int64_t j = 0; j < N; ++j) {
-            float c = std::nearbyint((srow[j] / sum) / ps);
-            c = std::min(std::max(c, 0.0f), pqmax);
-            pc[j] = static_cast<int32_t>(c);
-            csum += pc[j];
-          }
+          const int32_t csum = uniform_codes_row(srow.data(), N, sum, ps, pqmax, pc.data());
           std::fill(acc_i.begin(), acc_i.end(), 0);
           pv_row_int(pc.data(), av.data(), N, D, acc_i.data());
           for (int64_t d = 0; d < D; ++d)

@@ -237,14 +237,14 @@ def _export_copy(model: nn.Module, softmax: str, per_head: str) -> tuple[nn.Modu
     return ex, done
 
 
-def _example_input(model: nn.Module, image_size) -> torch.Tensor:
+def _example_input(model: nn.Module, image_size, spec) -> torch.Tensor:
     pe = getattr(model, "patch_embed", None)
     proj = getattr(pe, "proj", None)
     chans = getattr(proj, "in_channels", 3)
-    if image_size is None:
-        size = getattr(pe, "img_size", None)
+    if image_size is None:  # the size the model was built for, else its patch embedding's
+        size = getattr(spec, "img_size", None) or getattr(pe, "img_size", None)
         if size is None:
-            raise FastquantError("export_onnx: the model has no patch_embed.img_size; pass image_size=(H, W)")
+            raise FastquantError("export_onnx: the model's input size is unknown; pass image_size=(H, W)")
         image_size = size
     h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     return torch.zeros(1, chans, h, w)
@@ -278,7 +278,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, *, softmax: str = "u
         raise FastquantError("every quantizer must be calibrated (mode 'quant') before export")
     path = check_writable(path, "the ONNX file")
     ex, done = _export_copy(qmodel, softmax, per_head)
-    x = _example_input(ex, image_size)
+    x = _example_input(ex, image_size, rec.spec)
 
     def write(tmp):
         with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):
