@@ -284,23 +284,26 @@ at::Tensor fake_quant_log(const at::Tensor& x, double scale, int64_t steps, cons
 
 
 // ---------------------------------------------------------------------------------------
-// The fused quantized attention (fastquant/ops/attention.py states the contract): for one
-// (batch, head) per task, Q, K and V quantized to int16-held codes with their row sums,
-// T = a_q a_k^T + corrections in int32 (exact), S = T * (s_q s_k) * sm_scale, the softmax
-// in fp32, the probabilities' codes (log2 / log-sqrt2 by the nearest level in value, as
-// fake_quant_log_span; or uniform, p_steps = 0: clamp(round(P / p_scale), 0, 2^p_bits - 1))
-// and P' V: in fp32 for log levels (P' (a_v + c_v): exact powers of two times integers,
-// summed in fp32),
-// in int32 for uniform codes (exact). Output [B, N, H, D] float32.
+// The quantized attention (fastquant/ops/attention.py states the contract), in three passes
+// and two matrix products:
+//
+//   1. Q, K, V -> their codes minus the zero points, a + c = clamp(round(x / s) + z) - z, as
+//      float32 (integers of magnitude <= 255);
+//   2. T = (a_q + c_q)(a_k + c_k)^T by at::matmul: the contract's T (the corrections are this
+//      product expanded), exact in float32 while D 255^2 < 2^24 (D <= 256);
+//   3. per row: S = T (s_q s_k) sm_scale, the softmax in fp32 (a vectorised exp), the codes
+//      of P (log2 / log-sqrt2: the nearest level in value, as fake_quant_log_span; uniform,
+//      p_steps = 0: clamp(round(P / p_scale), 0, 2^p_bits - 1)) and P' in place of T;
+//   4. P' (a_v + c_v) by at::matmul: exact for uniform codes while N 255^2 < 2^24 (N <= 258),
+//      fp32 sums of exact products otherwise; times p_scale s_v into [B, N, H, D].
+//
+// The products run on torch's BLAS with its threads; the passes on torch's intra-op threads.
 
-// out[j] = sum_d a[d] * bt[d * n + j] for j < n: one query row against the keys' codes held
-// transposed [D, N], so that the inner loop runs along the keys (int16 codes, int32 sums: exact).
-FQ_CLONES void qk_row(const int16_t* a, const int16_t* bt, int64_t n, int64_t d_, int32_t* out) {
-  for (int64_t j = 0; j < n; ++j) out[j] = 0;
+// out[d] = clamp(nearbyint(x[d] / s) + z, 0, qmax) - z (the code minus the zero point, exact).
+FQ_CLONES void centered_codes_row(const float* x, int64_t d_, float s, float z, float qmax, float* out) {
   for (int64_t d = 0; d < d_; ++d) {
-    const int32_t ad = a[d];
-    const int16_t* bd = bt + d * n;
-    for (int64_t j = 0; j < n; ++j) out[j] += ad * static_cast<int32_t>(bd[j]);
+    float q = std::nearbyint(x[d] / s) + z;
+    out[d] = std::min(std::max(q, 0.0f), qmax) - z;
   }
 }
 
@@ -334,70 +337,29 @@ FQ_CLONES float exp_row(float* x, int64_t n, float mx) {
   return sum;
 }
 
-// acc[d] += w[j] * v[j * d_ + d] over j with w[j] != 0 (fp32).
-FQ_CLONES void pv_row_float(const float* w, const float* v, int64_t n, int64_t d_, float* acc) {
-  for (int64_t j = 0; j < n; ++j) {
-    const float wj = w[j];
-    if (wj == 0.0f) continue;
-    const float* vj = v + j * d_;
-    for (int64_t d = 0; d < d_; ++d) acc[d] += wj * vj[d];
-  }
-}
-
-// acc[d] += c[j] * v[j * d_ + d] over j with c[j] != 0 (int32, exact).
-FQ_CLONES void pv_row_int(const int32_t* c, const int16_t* v, int64_t n, int64_t d_, int32_t* acc) {
-  for (int64_t j = 0; j < n; ++j) {
-    const int32_t cj = c[j];
-    if (cj == 0) continue;
-    const int16_t* vj = v + j * d_;
-    for (int64_t d = 0; d < d_; ++d) acc[d] += cj * static_cast<int32_t>(vj[d]);
-  }
-}
-
-// Codes of rows [n, d_] of a strided [N, D] view (D contiguous) into int16, with row sums.
-FQ_CLONES void quantize_rows16(const float* x, int64_t row_stride, int64_t n, int64_t d_, float s, float z, float qmax,
-                     float o, int16_t* a, int32_t* sums) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float* xi = x + i * row_stride;
-    int32_t sum = 0;
-    for (int64_t d = 0; d < d_; ++d) {
-      float q = std::nearbyint(xi[d] / s) + z;
-      q = std::min(std::max(q, 0.0f), qmax) - o;
-      const int32_t c = static_cast<int32_t>(q);
-      a[i * d_ + d] = static_cast<int16_t>(c);
-      sum += c;
-    }
-    sums[i] = sum;
-  }
-}
-
-// c[j] = clamp(round(p[j] / sum / ps), 0, qmax) (uniform softmax codes, zero point 0); returns their sum.
-FQ_CLONES int32_t uniform_codes_row(const float* e, int64_t n, float sum, float ps, float qmax, int32_t* c) {
-  int32_t total = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    float v = std::nearbyint((e[j] / sum) / ps);
-    v = std::min(std::max(v, 0.0f), qmax);
-    c[j] = static_cast<int32_t>(v);
-    total += c[j];
-  }
-  return total;
-}
-
-// S row: T (int32 products plus corrections) times mult; returns its maximum.
-FQ_CLONES float scores_row(const int32_t* t, const int32_t* rk, int64_t n, int32_t base, int32_t c_q, float mult,
-                           float* srow) {
+// Scores in place: t[j] = t[j] * mult; returns their maximum.
+FQ_CLONES float scale_row(float* t, int64_t n, float mult) {
   float mx = -INFINITY;
   for (int64_t j = 0; j < n; ++j) {
-    srow[j] = static_cast<float>(t[j] + base + c_q * rk[j]) * mult;
-    mx = std::max(mx, srow[j]);
+    t[j] = t[j] * mult;
+    mx = std::max(mx, t[j]);
   }
   return mx;
 }
 
-// w[j] = weights[code of P_j = e[j] / sum] (log_code with the exponent and mantissa read from
-// the float's bits, which is frexp for the normal floats r >= 1e-30 takes).
-FQ_CLONES void log_weights_row(const float* e, int64_t n, float sum, float scale, int steps, int zero_code,
-                               const float* levels, const float* weights, float* w) {
+// e[j] <- clamp(round(e[j] / sum / ps), 0, qmax) (uniform softmax codes, zero point 0).
+FQ_CLONES void uniform_codes_row(float* e, int64_t n, float sum, float ps, float qmax) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = std::nearbyint((e[j] / sum) / ps);
+    e[j] = std::min(std::max(v, 0.0f), qmax);
+  }
+}
+
+// e[j] <- weights[code of P_j = e[j] / sum]: the log quantizer's nearest level in value, the
+// upper candidate from the float's exponent and mantissa bits (fake_quant_log_span's frexp for
+// the normal floats r >= 1e-30 takes), and the next one down.
+FQ_CLONES void log_weights_row(float* e, int64_t n, float sum, float scale, int steps, int zero_code,
+                               const float* levels, const float* weights) {
   constexpr float kSqrt2 = 1.41421356237309504880f;
   for (int64_t j = 0; j < n; ++j) {
     const float p = e[j] / sum;
@@ -413,8 +375,37 @@ FQ_CLONES void log_weights_row(const float* e, int64_t n, float sum, float scale
     hi = std::min(std::max(hi, 0), zero_code);
     const int lo = std::min(hi + 1, zero_code);
     const int c = (std::fabs(levels[hi] - p) <= std::fabs(p - levels[lo])) ? hi : lo;
-    w[j] = weights[c];
+    e[j] = weights[c];
   }
+}
+
+// The same for log2 (steps 1), without tables: the levels scale 2^-c and the weights 2^-c are
+// exact powers of two times the scale (c <= 100 here: r >= 1e-30 bounds the upper candidate),
+// built from their exponent bits, so the loop vectorises.
+FQ_CLONES void log2_weights_row(float* e, int64_t n, float sum, float scale, int zero_code) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float p = e[j] / sum;
+    const float r = std::max(p / scale, 1e-30f);
+    int32_t bits;
+    std::memcpy(&bits, &r, sizeof(bits));
+    const int32_t ex = ((bits >> 23) & 0xff) - 127;
+    const int up = (bits & 0x7fffff) != 0 ? 1 : 0;  // m > 1
+    int hi = -ex - up;
+    hi = std::min(std::max(hi, 0), zero_code);
+    const int lo = std::min(hi + 1, zero_code);
+    const int32_t hb = (127 - hi) << 23, lb = (127 - lo) << 23;
+    float ph, pl;
+    std::memcpy(&ph, &hb, sizeof(ph));
+    std::memcpy(&pl, &lb, sizeof(pl));
+    const float lh = hi == zero_code ? 0.0f : scale * ph, ll = lo == zero_code ? 0.0f : scale * pl;
+    const bool take_hi = std::fabs(lh - p) <= std::fabs(p - ll);
+    const float w = take_hi ? ph : pl;
+    e[j] = (take_hi ? hi : lo) == zero_code ? 0.0f : w;
+  }
+}
+
+FQ_CLONES void scaled_copy(const float* x, int64_t n, float a, float* out) {
+  for (int64_t d = 0; d < n; ++d) out[d] = a * x[d];
 }
 
 at::Tensor quant_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& s_q,
@@ -430,6 +421,7 @@ at::Tensor quant_attention(const at::Tensor& q, const at::Tensor& k, const at::T
   TORCH_CHECK(p_steps >= 0 && p_steps <= 2, "quant_attention: p_steps must be 0 (uniform), 1 or 2, got ", p_steps);
   TORCH_CHECK(p_bits >= 2 && p_bits <= 8, "quant_attention: p_bits must be 2..8, got ", p_bits);
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
+  TORCH_CHECK(D <= 256, "quant_attention: head dim must be at most 256, got ", D);
   check_vec(s_q, H, "s_q");
   check_vec(z_q, H, "z_q");
   check_vec(s_k, H, "s_k");
@@ -439,61 +431,73 @@ at::Tensor quant_attention(const at::Tensor& q, const at::Tensor& k, const at::T
     check_vec(levels, zero_code + 1, "levels");
     check_vec(weights, zero_code + 1, "weights");
   }
-  // D contiguous (a view of the qkv projection's output is): otherwise copy
-  const at::Tensor qc = q.stride(3) == 1 ? q : q.contiguous();
-  const at::Tensor kc = k.stride(3) == 1 ? k : k.contiguous();
-  const at::Tensor vc = v.stride(3) == 1 ? v : v.contiguous();
-  at::Tensor out = at::empty({B, N, H, D}, q.options());
-  const float qmax = static_cast<float>((1 << a_bits) - 1), o = static_cast<float>(1 << (a_bits - 1));
+  const float qmax = static_cast<float>((1 << a_bits) - 1);
   const float* sqp = s_q.data_ptr<float>();
   const float* zqp = z_q.data_ptr<float>();
   const float* skp = s_k.data_ptr<float>();
   const float* zkp = z_k.data_ptr<float>();
+  const float sv = static_cast<float>(s_v), zv = static_cast<float>(z_v), ps = static_cast<float>(p_scale);
+
+  // 1. centered codes, [B, H, N, D] contiguous (the inputs may be strided views of qkv)
+  at::Tensor cq = at::empty({B, H, N, D}, q.options()), ck = at::empty_like(cq), cv = at::empty_like(cq);
+  const at::Tensor* in[3] = {&q, &k, &v};
+  at::Tensor* outs[3] = {&cq, &ck, &cv};
+  for (int w = 0; w < 3; ++w) {
+    const at::Tensor& x = *in[w];
+    const at::Tensor xc = x.stride(3) == 1 ? x : x.contiguous();
+    const float* xp = xc.data_ptr<float>();
+    float* op = outs[w]->data_ptr<float>();
+    const int64_t sb = xc.stride(0), sh = xc.stride(1), sn = xc.stride(2);
+    at::parallel_for(0, B * H * N, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = r / (H * N), h = (r / N) % H, n = r % N;
+        const float s = w == 0 ? sqp[h] : (w == 1 ? skp[h] : sv);
+        const float z = w == 0 ? zqp[h] : (w == 1 ? zkp[h] : zv);
+        centered_codes_row(xp + b * sb + h * sh + n * sn, D, s, z, qmax, op + r * D);
+      }
+    });
+  }
+  // 2. T, exact
+  at::Tensor t = at::matmul(cq, ck.transpose(-2, -1)).contiguous();  // [B, H, N, N]
+  // 3. softmax and the probabilities' codes, in place
+  float* tp = t.data_ptr<float>();
   const float* lv = p_steps > 0 ? levels.data_ptr<float>() : nullptr;
   const float* pw = p_steps > 0 ? weights.data_ptr<float>() : nullptr;
-  const float sv = static_cast<float>(s_v), zv = static_cast<float>(z_v), ps = static_cast<float>(p_scale);
-  const int32_t c_v = static_cast<int32_t>(o - zv);
-  const float amp = ps * sv;
   const float pqmax = static_cast<float>(zero_code);
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int16_t> aq(N * D), ak(N * D), akt(N * D), av(N * D);
-    std::vector<int32_t> rq(N), rk(N), rv(N), t(N), pc(N), acc_i(D);
-    std::vector<float> avf(N * D), srow(N), w(N), acc_f(D);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      const float sq = sqp[h], zq = zqp[h], sk = skp[h], zk = zkp[h];
-      quantize_rows16(qc.data_ptr<float>() + b * qc.stride(0) + h * qc.stride(1), qc.stride(2), N, D, sq, zq, qmax,
-                      o, aq.data(), rq.data());
-      quantize_rows16(kc.data_ptr<float>() + b * kc.stride(0) + h * kc.stride(1), kc.stride(2), N, D, sk, zk, qmax,
-                      o, ak.data(), rk.data());
-      quantize_rows16(vc.data_ptr<float>() + b * vc.stride(0) + h * vc.stride(1), vc.stride(2), N, D, sv, zv, qmax,
-                      o, av.data(), rv.data());
-      for (int64_t j = 0; j < N; ++j)
-        for (int64_t d = 0; d < D; ++d) akt[d * N + j] = ak[j * D + d];
-      if (p_steps > 0)  // a_v + c_v: the sum of P' (a_v + c_v) has no cancelling correction term
-        for (int64_t x = 0; x < N * D; ++x) avf[x] = static_cast<float>(av[x] + c_v);
-      const int32_t c_q = static_cast<int32_t>(o - zq), c_k = static_cast<int32_t>(o - zk);
-      const float mult = (sq * sk) * static_cast<float>(sm_scale);
-      const int32_t dcc = static_cast<int32_t>(D) * c_q * c_k;
-      for (int64_t i = 0; i < N; ++i) {
-        qk_row(aq.data() + i * D, akt.data(), N, D, t.data());
-        const float mx = scores_row(t.data(), rk.data(), N, c_k * rq[i] + dcc, c_q, mult, srow.data());
-        const float sum = exp_row(srow.data(), N, mx);
-        float* oi = op + ((b * N + i) * H + h) * D;
-        if (p_steps > 0) {
-          log_weights_row(srow.data(), N, sum, ps, static_cast<int>(p_steps), zero_code, lv, pw, w.data());
-          std::fill(acc_f.begin(), acc_f.end(), 0.0f);
-          pv_row_float(w.data(), avf.data(), N, D, acc_f.data());
-          for (int64_t d = 0; d < D; ++d) oi[d] = amp * acc_f[d];
-        } else {
-          const int32_t csum = uniform_codes_row(srow.data(), N, sum, ps, pqmax, pc.data());
-          std::fill(acc_i.begin(), acc_i.end(), 0);
-          pv_row_int(pc.data(), av.data(), N, D, acc_i.data());
-          for (int64_t d = 0; d < D; ++d)
-            oi[d] = amp * static_cast<float>(acc_i[d] + c_v * csum);
-        }
-      }
+  // log2: the table-free loop when the tables are exact powers of two (they are when made by
+  // the quantizer's own dequantize, as the backend does), the tables otherwise
+  bool log2_exact = p_steps == 1;
+  for (int c = 0; log2_exact && c < zero_code && c <= 100; ++c) {
+    const int32_t b = (127 - c) << 23;
+    float pc;
+    std::memcpy(&pc, &b, sizeof(pc));
+    log2_exact = lv[c] == ps * pc && pw[c] == pc;
+  }
+  at::parallel_for(0, B * H * N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t h = (r / N) % H;
+      const float mult = (sqp[h] * skp[h]) * static_cast<float>(sm_scale);
+      float* row = tp + r * N;
+      const float mx = scale_row(row, N, mult);
+      const float sum = exp_row(row, N, mx);
+      if (p_steps == 1 && log2_exact)
+        log2_weights_row(row, N, sum, ps, zero_code);
+      else if (p_steps > 0)
+        log_weights_row(row, N, sum, ps, static_cast<int>(p_steps), zero_code, lv, pw);
+      else
+        uniform_codes_row(row, N, sum, ps, pqmax);
+    }
+  });
+  // 4. P' (a_v + c_v), scaled into [B, N, H, D]
+  const at::Tensor o = at::matmul(t, cv).contiguous();  // [B, H, N, D]
+  at::Tensor out = at::empty({B, N, H, D}, q.options());
+  const float* opp = o.data_ptr<float>();
+  float* outp = out.data_ptr<float>();
+  const float amp = ps * sv;
+  at::parallel_for(0, B * H * N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / (H * N), h = (r / N) % H, n = r % N;
+      scaled_copy(opp + r * D, D, amp, outp + ((b * N + n) * H + h) * D);
     }
   });
   return out;
