@@ -274,7 +274,7 @@ def _bench_model(name: str, args, device, env, records: list[dict]):
             records.append(rec)
             print(f"| {batch} | {variant} | {ms:.1f} | {rec['images_per_s']:.1f} | {base / ms:.2f}x |", flush=True)
     if name == "vit_base_patch16_224" and device.type == "cuda":
-        at64 = {r["variant"]: r for r in records if r["model"] == name and r["batch"] == 64}
+        at64 = {r["variant"]: r for r in records if r.get("model") == name and r.get("batch") == 64}
         label = f"fastquant W8A8 {info['default_backend']}"
         if label in at64:
             records.append({"name": "target:gpu_e2e_w8a8", "model": name, "batch": 64, "variant": label,
@@ -282,7 +282,7 @@ def _bench_model(name: str, args, device, env, records: list[dict]):
                             **{f"speedup_{b}": at64[f"fastquant W8A8 {b}"]["speedup"]
                                for b in ("cuda", "triton") if f"fastquant W8A8 {b}" in at64}, **env})
     if name == "dinov2-s14-fmnist" and device.type == "cpu":
-        at8 = {r["variant"]: r for r in records if r["model"] == name and r["batch"] == 8}
+        at8 = {r["variant"]: r for r in records if r.get("model") == name and r.get("batch") == 8}
         if "fastquant W8A8" in at8:
             target = {"name": "target:cpu_e2e_w8a8", "model": name, "batch": 8,
                       "speedup": at8["fastquant W8A8"]["speedup"], "baseline": "fp32 eager", **env}

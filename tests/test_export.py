@@ -81,8 +81,25 @@ def test_weights_are_int8_initializers_equal_to_the_codes(models, tmp_path):
     node = dq[codes]
     scale, zp = inits[node.input[1]], inits[node.input[2]]
     got = (inits[codes].astype(np.float32) - zp[:, None]) * scale[:, None]
-    assert inits[codes].min() >= -8 and inits[codes].max() <= 7  # 4-bit codes moved into int8
+    assert (zp == 0).all()  # symmetric: below 8 bits the code minus the zero point
+    assert inits[codes].min() >= -15 and inits[codes].max() <= 15
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
+
+
+def test_8bit_weights_are_symmetric_with_an_exact_correction(models):
+    """At 8 bits the codes move down by 128 and the layer adds s (128 - z) times its input's
+    row sum: the same layer as the fake-quant one, to float rounding."""
+    from fastquant.deploy.export import ExportLinear
+
+    q = models[("repq", 8, 8)]
+    layer = q.blocks[1].mlp.fc1
+    ex = ExportLinear(layer, None)
+    assert (ex.zero_point == 0).all() and ex.correction is not None  # some zero point is not 128
+    x = torch.randn(2, 7, layer.in_features)
+    with torch.no_grad():
+        want = torch.nn.functional.linear(x, layer.weight_quant(layer.weight), layer.bias)
+        got = ex(x)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
 @pytest.mark.parametrize("base", ["2", "sqrt2"])

@@ -3,9 +3,14 @@
 Every uniform quantizer with calibrated steps becomes the standard form that ONNX Runtime,
 OpenVINO and TensorRT turn into integer kernels:
 
-- a weight: its integer codes as an int8 initializer (fastquant's codes 0 .. 2^b - 1 moved
-  down by 2^(b-1), the zero points with them, so the values are unchanged) and one
-  ``DequantizeLinear`` with the per-channel steps (``axis=0``);
+- a Linear's weight: symmetric int8 codes (zero point 0) as an initializer and one
+  ``DequantizeLinear`` with the per-channel steps (``axis=0``). fastquant's weights are
+  asymmetric (codes 0 .. 2^b - 1, a zero point per channel): below 8 bits the code minus the
+  zero point fits int8; at 8 bits the code is moved down by 128 and the layer adds the
+  zero point's share, s (128 - z) times the row sum of its quantized input (``ExportLinear``:
+  exact, and the form integer GEMMs take: OpenVINO runs asymmetric weights about 3x slower,
+  TensorRT takes symmetric ones only); the patch embedding's convolution keeps asymmetric
+  int8 codes (moved down by 2^(b-1), the zero points with them);
 - an activation: ``QuantizeLinear`` -> ``DequantizeLinear`` on uint8 with fastquant's step and
   zero point, per tensor or per head (``axis=1``); below 8 bits a ``Clip`` of the uint8
   codes to 0 .. 2^b - 1 sits between them (exact, but runtimes then keep that operand in
@@ -125,6 +130,41 @@ class ExportWeight(nn.Module):
         return _WeightDQ.apply(w, self.codes, self.scale, self.zero_point)
 
 
+class ExportLinear(nn.Module):
+    """A QuantLinear with symmetric int8 weight codes (zero point 0), the form every runtime's
+    integer GEMM takes (OpenVINO runs asymmetric weights about 3x slower; TensorRT takes only
+    symmetric ones). fastquant's weights are asymmetric, w = s (c - z) with codes c in
+    0 .. 2^b - 1: below 8 bits c - z fits int8 and is the code; at 8 bits the code is c - 128
+    and the layer adds s (128 - z) times the row sum of its (quantized) input, which is exact:
+    x w^T = s sum_i x_i (c_i - 128) + s (128 - z) sum_i x_i."""
+
+    def __init__(self, layer: QuantLinear, input_quant: nn.Module | None):
+        super().__init__()
+        wq = layer.weight_quant
+        codes = wq.quantize(layer.weight.detach()).to(torch.int16)
+        z = wq.zero_point.detach().reshape(-1).to(torch.int16)
+        shift = z if wq.bits < 8 else torch.full_like(z, 128)
+        self.register_buffer("codes", (codes - shift.reshape(-1, 1)).to(torch.int8))
+        self.register_buffer("scale", wq.scale.detach().reshape(-1).float().clone())
+        self.register_buffer("zero_point", torch.zeros_like(z, dtype=torch.int8))
+        corr = wq.scale.detach().reshape(-1).float() * (shift - z).float()
+        self.register_buffer("correction", corr if bool((corr != 0).any()) else None)
+        self.register_buffer("input_div", None if layer.input_div is None else layer.input_div.detach().clone())
+        self.input_quant = input_quant
+        self.bias = layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_div is not None:
+            x = x / self.input_div
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        w = _WeightDQ.apply(self.codes.float(), self.codes, self.scale, self.zero_point)
+        y = torch.nn.functional.linear(x, w, self.bias)
+        if self.correction is not None:
+            y = y + x.sum(-1, keepdim=True) * self.correction
+        return y
+
+
 class ExportLog(nn.Module):
     """A log2 / log-sqrt2 quantizer as a threshold table (``softmax="exact"``): the code is the
     number of thresholds above the value, the output that code's level. The thresholds are
@@ -222,8 +262,18 @@ def _export_copy(model: nn.Module, softmax: str, per_head: str) -> tuple[nn.Modu
         else:
             done["emulated"][name] = f"{type(q).__name__} (written as float operations)"
 
-    for name, mod in ex.named_modules():
-        if isinstance(mod, (QuantLinear, QuantConv2d)):
+    def replace(name: str, module: nn.Module):
+        parent, _, attr = name.rpartition(".")
+        setattr(ex.get_submodule(parent) if parent else ex, attr, module)
+
+    for name, mod in list(ex.named_modules()):
+        wq = getattr(mod, "weight_quant", None)
+        if (isinstance(mod, QuantLinear) and isinstance(wq, UniformQuantizer) and not wq.per_token
+                and wq.bits <= 8):
+            act(mod, "input_quant", f"{name}.input_quant")
+            replace(name, ExportLinear(mod, mod.input_quant))
+            done["weights"].append(f"{name}.weight_quant")
+        elif isinstance(mod, (QuantLinear, QuantConv2d)):
             wq = mod.weight_quant
             if isinstance(wq, UniformQuantizer) and not wq.per_token and wq.bits <= 8 and wq.scale.numel() > 0:
                 mod.weight_quant = ExportWeight(wq, mod.weight)
