@@ -1,5 +1,6 @@
 """The other CPU runtimes a user could pick, as callables bench/run.py times beside fastquant:
-fastquant's ONNX export run in ONNX Runtime and in OpenVINO, ONNX Runtime's own int8
+fastquant's ONNX export (asymmetric weights, exact) run in ONNX Runtime and in OpenVINO, and
+with symmetric weights (``weights="symmetric"``) in OpenVINO, ONNX Runtime's own int8
 quantization (dynamic; static QDQ on MatMul/Gemm/Conv) and OpenVINO int8 through NNCF
 (the transformer preset; and with SmoothQuant off). Each is optional: a missing package or
 a failing step is returned as a reason, the others go on.
@@ -75,9 +76,12 @@ def peer_variants(model: nn.Module, qmodel: nn.Module, calib: torch.Tensor, img:
             print(f"{label}: skipped ({skipped[label]})", flush=True)
 
     exported = workdir / "fastquant_w8a8.onnx"
+    symmetric = workdir / "fastquant_w8a8_symmetric.onnx"
     fp32 = workdir / "fp32.onnx"
     attempt("fastquant W8A8 ONNX -> ORT", lambda: (fastquant.export_onnx(qmodel, exported), _ort(exported, threads))[1])
     attempt("fastquant W8A8 ONNX -> OpenVINO", lambda: _openvino(str(exported), threads))
+    attempt("fastquant W8A8 ONNX symmetric -> OpenVINO",
+            lambda: (fastquant.export_onnx(qmodel, symmetric, weights="symmetric"), _openvino(str(symmetric), threads))[1])
     try:
         _export_fp32(model, img, fp32)
     except Exception as exc:  # noqa: BLE001

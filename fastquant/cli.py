@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--per-head", choices=("tensor", "exact"), default="tensor",
                    help="per-head Q/K steps as one covering per-tensor QDQ, or exactly in float operations "
                         "(default: %(default)s)")
+    x.add_argument("--weights", choices=("asymmetric", "symmetric"), default="asymmetric",
+                   help="int8 weight codes with fastquant's zero points (exact; fastest in ONNX Runtime) or with "
+                        "zero point 0 (OpenVINO's and TensorRT's form; at 8 bits a near-exact correction) "
+                        "(default: %(default)s)")
     x.add_argument("--opset", type=_positive, default=17, help="ONNX opset, 13 or later (default: %(default)s)")
     x.add_argument("--json", type=Path, help="write what was exported as JSON to this file")
     x.add_argument("--threads", type=_positive, help="CPU threads for torch (default: torch's choice)")
@@ -370,7 +374,8 @@ def cmd_export(args) -> dict:
     if record_of(model).deploy is not None:
         raise FastquantError(f"{args.quantized} holds a deployed model (saved after --deploy): "
                              "export a model saved without --deploy")
-    rep = export_onnx(model, args.onnx, softmax=args.softmax, per_head=args.per_head, opset=args.opset)
+    rep = export_onnx(model, args.onnx, softmax=args.softmax, per_head=args.per_head, weights=args.weights,
+                      opset=args.opset)
     qcfg = record_of(model).config
     print(_table([("model", f"{spec.name} ({qcfg.method} W{qcfg.w_bits}A{qcfg.a_bits})"), ("ONNX", str(args.onnx)),
                   ("int8 weights", str(len(rep.weights))), ("QDQ activations", str(len(rep.qdq))),

@@ -46,6 +46,7 @@ def _logits(model, x):
 
 @pytest.mark.parametrize("key,softmax,per_head,least", [
     (("repq", 8, 8), "uint8", "tensor", 0.99),   # the integer-kernel form
+    (("repq", 8, 8), "symmetric", "tensor", 0.97),  # symmetric weights: the correction is near-exact
     (("repq", 8, 8), "exact", "exact", 0.995),
     (("rtn", 4, 4), "exact", "exact", 0.995),    # log2 softmax and 4-bit codes, exactly
 ])
@@ -53,7 +54,9 @@ def test_onnxruntime_agrees_with_the_fake_quant_model(models, test_images, tmp_p
     q = models[key]
     x, _ = test_images
     path = tmp_path / "m.onnx"
-    rep = fastquant.export_onnx(q, path, softmax=softmax, per_head=per_head)
+    weights = "symmetric" if softmax == "symmetric" else "asymmetric"
+    softmax = "uint8" if softmax == "symmetric" else softmax
+    rep = fastquant.export_onnx(q, path, softmax=softmax, per_head=per_head, weights=weights)
     got, want = _run(path, x), _logits(q, x)
     agree = float((got.argmax(1) == want.argmax(1)).mean())
     assert agree >= least, f"{key} {softmax}/{per_head}: {agree:.4f} of predictions agree"
@@ -67,10 +70,11 @@ def test_onnxruntime_agrees_with_the_fake_quant_model(models, test_images, tmp_p
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
 
 
-def test_weights_are_int8_initializers_equal_to_the_codes(models, tmp_path):
+@pytest.mark.parametrize("form", ["asymmetric", "symmetric"])
+def test_weights_are_int8_initializers_equal_to_the_codes(models, tmp_path, form):
     q = models[("rtn", 4, 4)]
     path = tmp_path / "m.onnx"
-    fastquant.export_onnx(q, path)
+    fastquant.export_onnx(q, path, weights=form)
     g = onnx.load(str(path)).graph
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in g.initializer}
     dq = {n.input[0]: n for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
@@ -81,14 +85,17 @@ def test_weights_are_int8_initializers_equal_to_the_codes(models, tmp_path):
     node = dq[codes]
     scale, zp = inits[node.input[1]], inits[node.input[2]]
     got = (inits[codes].astype(np.float32) - zp[:, None]) * scale[:, None]
-    assert (zp == 0).all()  # symmetric: below 8 bits the code minus the zero point
-    assert inits[codes].min() >= -15 and inits[codes].max() <= 15
+    if form == "symmetric":  # below 8 bits the code minus the zero point, exact
+        assert (zp == 0).all() and inits[codes].min() >= -15 and inits[codes].max() <= 15
+    else:  # the codes and zero points moved down by 8
+        assert inits[codes].min() >= -8 and inits[codes].max() <= 7 and (zp != 0).any()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
 
 
-def test_8bit_weights_are_symmetric_with_an_exact_correction(models):
+def test_8bit_symmetric_weights_with_the_zero_point_correction(models):
     """At 8 bits the codes move down by 128 and the layer adds s (128 - z) times its input's
-    row sum: the same layer as the fake-quant one, to float rounding."""
+    row sum: with an unquantized input (no input quantizer), the same layer as the fake-quant
+    one to float rounding."""
     from fastquant.deploy.export import ExportLinear
 
     q = models[("repq", 8, 8)]
@@ -127,7 +134,8 @@ def test_log_threshold_table_equals_the_log_quantizer(base, bits):
 def test_bad_arguments_are_refused_and_nothing_is_written(models, tiny, tmp_path):
     q = models[("repq", 8, 8)]
     path = tmp_path / "m.onnx"
-    for kw, words in (({"softmax": "log"}, "softmax"), ({"per_head": "head"}, "per_head"), ({"opset": 11}, "opset")):
+    for kw, words in (({"softmax": "log"}, "softmax"), ({"per_head": "head"}, "per_head"), ({"opset": 11}, "opset"),
+                      ({"weights": "int4"}, "weights")):
         with pytest.raises(fastquant.FastquantError, match=words):
             fastquant.export_onnx(q, path, **kw)
     with pytest.raises(fastquant.FastquantError, match="fastquant.quantize"):

@@ -3,14 +3,14 @@
 Every uniform quantizer with calibrated steps becomes the standard form that ONNX Runtime,
 OpenVINO and TensorRT turn into integer kernels:
 
-- a Linear's weight: symmetric int8 codes (zero point 0) as an initializer and one
-  ``DequantizeLinear`` with the per-channel steps (``axis=0``). fastquant's weights are
-  asymmetric (codes 0 .. 2^b - 1, a zero point per channel): below 8 bits the code minus the
-  zero point fits int8; at 8 bits the code is moved down by 128 and the layer adds the
-  zero point's share, s (128 - z) times the row sum of its quantized input (``ExportLinear``:
-  exact, and the form integer GEMMs take: OpenVINO runs asymmetric weights about 3x slower,
-  TensorRT takes symmetric ones only); the patch embedding's convolution keeps asymmetric
-  int8 codes (moved down by 2^(b-1), the zero points with them);
+- a weight: its integer codes as an int8 initializer and one ``DequantizeLinear`` with the
+  per-channel steps (``axis=0``). ``weights="asymmetric"`` (default, exact): fastquant's
+  codes 0 .. 2^b - 1 moved down by 2^(b-1), the zero points with them, so the values are
+  unchanged; ONNX Runtime runs these fastest. ``weights="symmetric"``: zero point 0, the form
+  OpenVINO runs about 3x faster and TensorRT requires (``ExportLinear``): exact below 8 bits,
+  at 8 bits a zero-point correction from the input's row sum taken before quantization (the
+  nearest form; ``ExportLinear`` says why). The patch embedding's convolution stays
+  asymmetric;
 - an activation: ``QuantizeLinear`` -> ``DequantizeLinear`` on uint8 with fastquant's step and
   zero point, per tensor or per head (``axis=1``); below 8 bits a ``Clip`` of the uint8
   codes to 0 .. 2^b - 1 sits between them (exact, but runtimes then keep that operand in
@@ -60,6 +60,7 @@ from ..record import record_of
 
 SOFTMAX_FORMS = ("uint8", "exact")
 PER_HEAD_FORMS = ("tensor", "exact")
+WEIGHT_FORMS = ("asymmetric", "symmetric")
 MIN_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
 
 
@@ -131,12 +132,15 @@ class ExportWeight(nn.Module):
 
 
 class ExportLinear(nn.Module):
-    """A QuantLinear with symmetric int8 weight codes (zero point 0), the form every runtime's
-    integer GEMM takes (OpenVINO runs asymmetric weights about 3x slower; TensorRT takes only
-    symmetric ones). fastquant's weights are asymmetric, w = s (c - z) with codes c in
-    0 .. 2^b - 1: below 8 bits c - z fits int8 and is the code; at 8 bits the code is c - 128
-    and the layer adds s (128 - z) times the row sum of its (quantized) input, which is exact:
-    x w^T = s sum_i x_i (c_i - 128) + s (128 - z) sum_i x_i."""
+    """A QuantLinear with symmetric int8 weight codes (zero point 0), the form OpenVINO's
+    integer GEMM runs fastest (asymmetric weights about 3x slower) and TensorRT requires.
+    fastquant's weights are asymmetric, w = s (c - z) with codes c in 0 .. 2^b - 1: below 8
+    bits c - z fits int8 and is the code (exact); at 8 bits the code is c - 128 and the layer
+    adds s (128 - z) times a row sum of its input: x w^T = s sum_i x_i (c_i - 128) + s (128 - z)
+    sum_i x_i. The exact row sum is the quantized input's; it is taken from the input before
+    quantization instead (the nearest form: it differs by the sum of the input's rounding
+    errors), because OpenVINO 2026.4 moves a ReduceSum's dequantization after it and sums the
+    uint8 codes in uint8, which breaks the model."""
 
     def __init__(self, layer: QuantLinear, input_quant: nn.Module | None):
         super().__init__()
@@ -156,13 +160,12 @@ class ExportLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_div is not None:
             x = x / self.input_div
+        rows = x.sum(-1, keepdim=True) if self.correction is not None else None
         if self.input_quant is not None:
             x = self.input_quant(x)
         w = _WeightDQ.apply(self.codes.float(), self.codes, self.scale, self.zero_point)
         y = torch.nn.functional.linear(x, w, self.bias)
-        if self.correction is not None:
-            y = y + x.sum(-1, keepdim=True) * self.correction
-        return y
+        return y if rows is None else y + rows * self.correction
 
 
 class ExportLog(nn.Module):
@@ -230,7 +233,7 @@ def _covering(q: UniformQuantizer) -> tuple[torch.Tensor, torch.Tensor]:
     return range_to_qparams(lo, hi, q.qmax)
 
 
-def _export_copy(model: nn.Module, softmax: str, per_head: str) -> tuple[nn.Module, dict]:
+def _export_copy(model: nn.Module, softmax: str, per_head: str, weights: str) -> tuple[nn.Module, dict]:
     """A copy of ``model`` whose quantizers are the export modules, and what each became."""
     ex = copy.deepcopy(model).float().cpu().eval()
     done = {"weights": [], "qdq": [], "emulated": {}, "approximated": {}}
@@ -268,11 +271,15 @@ def _export_copy(model: nn.Module, softmax: str, per_head: str) -> tuple[nn.Modu
 
     for name, mod in list(ex.named_modules()):
         wq = getattr(mod, "weight_quant", None)
-        if (isinstance(mod, QuantLinear) and isinstance(wq, UniformQuantizer) and not wq.per_token
-                and wq.bits <= 8):
+        if (weights == "symmetric" and isinstance(mod, QuantLinear) and isinstance(wq, UniformQuantizer)
+                and not wq.per_token and wq.bits <= 8):
             act(mod, "input_quant", f"{name}.input_quant")
-            replace(name, ExportLinear(mod, mod.input_quant))
+            lin = ExportLinear(mod, mod.input_quant)
+            replace(name, lin)
             done["weights"].append(f"{name}.weight_quant")
+            if lin.correction is not None:
+                done["approximated"][f"{name}.weight_quant"] = ("8-bit zero points -> symmetric codes and a "
+                                                                "correction from the unquantized input's row sum")
         elif isinstance(mod, (QuantLinear, QuantConv2d)):
             wq = mod.weight_quant
             if isinstance(wq, UniformQuantizer) and not wq.per_token and wq.bits <= 8 and wq.scale.numel() > 0:
@@ -301,15 +308,17 @@ def _example_input(model: nn.Module, image_size, spec) -> torch.Tensor:
 
 
 def export_onnx(qmodel: nn.Module, path: str | os.PathLike, *, softmax: str = "uint8", per_head: str = "tensor",
-                opset: int = 17,
+                weights: str = "asymmetric", opset: int = 17,
                 image_size: int | tuple[int, int] | None = None) -> ExportReport:
     """Write ``qmodel`` (fake-quantized: from ``fastquant.quantize`` or ``fastquant.load``) to
     ``path`` as a QDQ ONNX model (input ``images`` N x C x H x W, output ``logits``; the batch
     dimension is dynamic). ``softmax``: ``"uint8"`` or ``"exact"``; ``per_head``: ``"tensor"``
-    or ``"exact"`` (see the module docstring).
+    or ``"exact"``; ``weights``: ``"asymmetric"`` or ``"symmetric"`` (see the module docstring).
     Returns an ``ExportReport``. The file is written atomically: on any error nothing is left."""
     if softmax not in SOFTMAX_FORMS:
         raise FastquantError(f"softmax must be one of {', '.join(SOFTMAX_FORMS)}, got {softmax!r}")
+    if weights not in WEIGHT_FORMS:
+        raise FastquantError(f"weights must be one of {', '.join(WEIGHT_FORMS)}, got {weights!r}")
     if per_head not in PER_HEAD_FORMS:
         raise FastquantError(f"per_head must be one of {', '.join(PER_HEAD_FORMS)}, got {per_head!r}")
     if not isinstance(opset, int) or isinstance(opset, bool) or opset < MIN_OPSET:
@@ -327,7 +336,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, *, softmax: str = "u
     if any(q.mode != "quant" for q in qmodel.modules() if isinstance(q, Quantizer)):
         raise FastquantError("every quantizer must be calibrated (mode 'quant') before export")
     path = check_writable(path, "the ONNX file")
-    ex, done = _export_copy(qmodel, softmax, per_head)
+    ex, done = _export_copy(qmodel, softmax, per_head, weights)
     x = _example_input(ex, image_size, rec.spec)
 
     def write(tmp):
