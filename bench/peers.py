@@ -96,7 +96,12 @@ def peer_variants(model: nn.Module, qmodel: nn.Module, calib: torch.Tensor, img:
         return _ort(out, threads)
 
     def ort_static():
-        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
 
         class Reader(CalibrationDataReader):
             def __init__(self):

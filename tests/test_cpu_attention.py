@@ -12,7 +12,13 @@ p_scale s_v |a_v + c_v|.
 """
 import pytest
 import torch
-from test_kernels_attention import CASES, TIES_CASE, case_args, check_against_twin, make_inputs
+from test_kernels_attention import (
+    CASES,
+    TIES_CASE,
+    case_args,
+    check_against_twin,
+    make_inputs,
+)
 
 import fastquant
 from fastquant import backends
@@ -71,8 +77,8 @@ def test_strided_and_contiguous_inputs_agree():
 
 @pytest.mark.parametrize("method,bits,softmax_kind", [("repq", 8, "uniform"), ("rtn", 4, "log")])
 def test_cpu_deployment_fuses_attention(tiny, tiny_data, method, bits, softmax_kind):
-    from fastquant.nn import FusedQuantAttention
     from fastquant.data import stack
+    from fastquant.nn import FusedQuantAttention
 
     model, _, _ = tiny
     calib, test = tiny_data
@@ -92,7 +98,7 @@ def test_cpu_deployment_fuses_attention(tiny, tiny_data, method, bits, softmax_k
 
 def test_fused_cpu_attention_saves_and_loads(tiny, tiny_data, tmp_path):
     model, _, _ = tiny
-    calib, test = tiny_data
+    calib, _ = tiny_data
     q = fastquant.quantize(model, calib[:32], fastquant.QuantConfig(method="repq", w_bits=8, a_bits=8),
                            progress=False)
     dep = fastquant.convert(q, "cpu")
