@@ -49,6 +49,8 @@ VARIANTS = {
     "brecq-auto-it1000": ("brecq", ["--iters", "1000", "--recon-set", "lr_act=None"]),
     "pfcr-auto-it100": ("pfcr", ["--iters", "100", "--recon-set", "lr_act=None", "--recon-set", "qdrop_p=0.0",
                                  "--recon-set", "carry=1.0"]),
+    "pfcr-auto-it1000": ("pfcr", ["--iters", "1000", "--recon-set", "lr_act=None", "--recon-set", "qdrop_p=0.0",
+                                  "--recon-set", "carry=1.0"]),
     "qdrop-lract": ("qdrop", LRACT),
     "qdrop-lract-decay": ("qdrop", LRACT + DECAY),
     "mgrq-lract": ("mgrq", LRACT),
