@@ -12,6 +12,11 @@ rerun (delete it to measure again; `--table-only` runs nothing); a reconstructio
 stopped part-way resumes from its state in bench/results/state/ (the quantize time then
 counts only the resumed part: the JSON's `recon_resumed_from` says so). Then it writes bench/results/recon_<model>_<budget>[_<name>].json
 and prints a Markdown table with each row's budget, steps per unit and wall time.
+
+Reused runs keep the defaults they ran with: the committed `brecq`, `qdrop`, `pfcr`,
+`pfcr-nopos` and `mgrq` runs used `lr_act` 4e-5 and the `repq` runs no fc2 smoothing (the
+defaults then; each JSON's `recon_config` / `config` says so). Delete a run's JSON to
+measure it with today's defaults.
 """
 from __future__ import annotations
 

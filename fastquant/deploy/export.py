@@ -1,7 +1,8 @@
 """``export_onnx``: a fake-quantized model as a standard QDQ ONNX graph.
 
-Every uniform quantizer with calibrated steps becomes the standard form that ONNX Runtime,
-OpenVINO and TensorRT turn into integer kernels:
+Every uniform quantizer with calibrated steps becomes the standard form that ONNX Runtime
+and OpenVINO turn into integer kernels (TensorRT also needs symmetric activations, which
+fastquant's are not; untested there):
 
 - a weight: its integer codes as an int8 initializer and one ``DequantizeLinear`` with the
   per-channel steps (``axis=0``). ``weights="asymmetric"`` (default, exact): fastquant's
@@ -24,8 +25,9 @@ Quantizers that have no standard QDQ form:
 
 - the log2 / log-sqrt2 softmax quantizer: ``softmax="uint8"`` (default) writes it as uint8
   QDQ with step 1/255 and zero point 0 on [0, 1], the form runtimes quantize P V with;
-  ``softmax="exact"`` writes fastquant's rounding as float operations (the same values,
-  no integer kernel);
+  ``softmax="exact"`` writes fastquant's rounding as a threshold table in float operations
+  (``ExportLog``: the same codes away from float rounding of its switch points, no integer
+  kernel);
 - per-head steps of the attention operands Q and K (a per-axis activation zero point, which
   ONNX allows but ONNX Runtime's integer MatMul refuses): ``per_head="tensor"`` (default)
   writes one uint8 QDQ whose range covers every head's, ``per_head="exact"`` writes the
@@ -340,7 +342,7 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, *, softmax: str = "u
     x = _example_input(ex, image_size, rec.spec)
 
     def write(tmp):
-        with warnings.catch_warnings(), contextlib.redirect_stdout(open(os.devnull, "w")):
+        with warnings.catch_warnings(), open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
             warnings.simplefilter("ignore")
             torch.onnx.export(ex, (x,), str(tmp), dynamo=False, opset_version=opset, input_names=["images"],
                               output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},

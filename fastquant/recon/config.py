@@ -95,7 +95,9 @@ class ReconConfig:
     iters: int = 2000
     batch_size: int = 32
     lr_round: Optional[float] = None
-    lr_act: Optional[float] = 4e-5
+    # None: auto_lr_act(iters); at 300 steps measured better than 4e-5 (W4A4 dinov2-s14-fmnist:
+    # brecq 73.00 -> 76.30, qdrop 64.35 -> 66.85)
+    lr_act: Optional[float] = None
     lr_bias: float = 0.0
     lr_norm: float = 0.0
     lr_schedule: str = "constant"
