@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--per-token", action="store_true", help="dynamic per-token activation scales")
     q.add_argument("--fc2-smooth", type=float, metavar="ALPHA",
                    help="move the MLPs' fc2 input ranges into fc2's weights with strength ALPHA in [0, 1] "
-                        "(0: off; default: the method's)")
+                        "(0: off; default: the method's, 1 for repq, 0 otherwise)")
     q.add_argument("--deploy", choices=("cpu", "cuda", "triton", "torch"),
                    help="also convert to integer layers with this backend (cpu: the fused int8 kernels of the CPU "
                         "extension; triton: Triton kernels on a GPU; cuda: the CUDA C++ extension on a GPU; torch: "
