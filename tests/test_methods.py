@@ -96,7 +96,10 @@ def test_fastquant_methods_are_records():
     """brecq, qdrop, pfcr and mgrq differ only in their records' data and functions."""
     assert method_names()[:4] == ("brecq", "qdrop", "pfcr", "mgrq")
     assert get_method("brecq").defaults == {"qdrop_p": 0.0}
-    assert get_method("mgrq").defaults == {"qdrop_p": 0.5, "w_global": 1.0, "w_local": 1.0}
+    assert get_method("mgrq").defaults == {"qdrop_p": 0.5, "w_global": 1.0, "w_local": 1.0, "lr_act": 4e-5}
+    assert ReconConfig(method="mgrq", iters=300).resolved("lr_act") == 4e-5  # its own default
+    assert ReconConfig(method="brecq", iters=300).resolved("lr_act") == pytest.approx(4e-5 * 20000 / 300)
+    assert ReconConfig(method="mgrq", iters=300, lr_act=1e-3).resolved("lr_act") == 1e-3  # given wins
     pfcr = get_method("pfcr")
     assert set(pfcr.options) == {"pos", "pos_split", "pos_mode", "carry", "anneal", "merge", "stop_at"}
     cfg = ReconConfig(method="pfcr", iters=10)

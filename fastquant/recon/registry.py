@@ -3,7 +3,7 @@
 A :class:`ReconMethod` says, as data and small functions, everything that makes a method:
 
 - ``defaults``: its values of the engine's settings (``ReconConfig`` fields left at None:
-  QDrop's probability, the weights of the loss terms);
+  QDrop's probability, the weights of the loss terms, the activation steps' learning rate);
 - ``options``: settings of its own, declared with :func:`register_option` (name, default,
   check), set like the others (``ReconConfig(method="pfcr", carry=1.0)``,
   ``--recon-set carry=1.0``);
@@ -31,8 +31,9 @@ from .schedules import block_units
 
 # The engine settings (ReconConfig fields left at None) a method's record may set, and their
 # values when it does not.
-METHOD_FIELDS = ("qdrop_p", "w_global", "w_local")
-BASE_DEFAULTS = {"qdrop_p": 0.0, "w_global": 0.0, "w_local": 0.0}
+METHOD_FIELDS = ("qdrop_p", "w_global", "w_local", "lr_act")
+# lr_act None: scaled with the steps (ReconConfig.resolved, auto_lr_act)
+BASE_DEFAULTS = {"qdrop_p": 0.0, "w_global": 0.0, "w_local": 0.0, "lr_act": None}
 
 
 @dataclass(frozen=True)
