@@ -99,7 +99,7 @@ FQ_CLONES void fake_quant_span(const float* x, float* out, int64_t n, float s, f
 void check_vec(const at::Tensor& t, int64_t n, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 1 &&
                   t.size(0) == n,
-              "int8_linear: ", name, " must be a contiguous float32 CPU vector of length ", n, ", got ",
+              "fastquant._C_cpu: ", name, " must be a contiguous float32 CPU vector of length ", n, ", got ",
               t.scalar_type(), " of shape ", t.sizes());
 }
 
