@@ -8,7 +8,7 @@ from tqdm import tqdm
 from ..nn import QuantConv2d, QuantLinear
 from ..quant import quantizers_in, set_mode
 from .gptq import gptq_round
-from .observe import error_weight_hooks, linear_input_stats
+from .observe import error_weight_hooks, forward_with_input_hooks, linear_input_stats
 from .reparam import reparameterize
 from .spec import CalibSpec
 
@@ -32,13 +32,9 @@ def smooth(model: nn.Module, layers: list, batches: list, alpha: float, progress
 
     saved = [(q, q.mode) for q in quantizers_in(model)]
     set_mode([q for q, _ in saved], "off")
-    hooks = [m.register_forward_pre_hook(hook) for m in layers]
     try:
-        for x in tqdm(batches, desc="smoothing", unit="batch", disable=not progress, leave=False):
-            model(x)
+        forward_with_input_hooks(model, layers, hook, batches, "smoothing", progress)
     finally:
-        for h in hooks:
-            h.remove()
         for q, mode in saved:
             q.mode = mode
     for m in layers:

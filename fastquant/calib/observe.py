@@ -70,6 +70,18 @@ class InputStats:
         return self.xtx / self.n
 
 
+def forward_with_input_hooks(model: nn.Module, layers: list, hook, batches: list, desc: str, progress: bool = True):
+    """Run ``batches`` through ``model`` with ``hook`` as a forward pre-hook on each of
+    ``layers`` (removed afterwards, also on an error)."""
+    hooks = [m.register_forward_pre_hook(hook) for m in layers]
+    try:
+        for x in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 @torch.no_grad()
 def linear_input_stats(model: nn.Module, batches: list, covariance: bool, progress: bool = True) -> dict:
     """One float pass (all quantizers off) recording every QuantLinear's input statistics."""
@@ -87,13 +99,7 @@ def linear_input_stats(model: nn.Module, batches: list, covariance: bool, progre
         stats[mod].add(x, xq)
 
     set_mode(quantizers_in(model), "off")
-    hooks = [m.register_forward_pre_hook(hook) for m in layers]
-    try:
-        for x in tqdm(batches, desc="layer statistics", unit="batch", disable=not progress, leave=False):
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_with_input_hooks(model, layers, hook, batches, "layer statistics", progress)
     return {m: st for m, st in stats.items() if st.n > 0}
 
 
