@@ -228,31 +228,38 @@ at::Tensor fake_quant_uniform(const at::Tensor& x, const at::Tensor& scale, cons
   return out;
 }
 
-// Nearest level of a log quantizer, in value (LogQuantizer.quantize then .dequantize),
-// returned as (xq - x) + x like LogQuantizer.forward's straight-through form.
+// The code of a log quantizer's nearest level to p, in value (LogQuantizer.quantize).
 // levels[q] = scale * 2^(-q / steps) for q < zero_code, levels[zero_code] = 0 (made by
 // the caller with the quantizer's own dequantize). The upper candidate
-// hi = clamp(floor(-steps * log2(x / scale)), 0, zero_code) is read from the float's
-// exponent and mantissa instead of a log2 call; where float rounding could put it one
-// code off (x within rounding of a level) both candidate pairs hold that level and it is
-// the nearer one, so the chosen level is the same.
+// hi = clamp(floor(-steps * log2(p / scale)), 0, zero_code) is read from the exponent and
+// mantissa bits of r = max(p / scale, 1e-30) (a normal float) instead of a log2 call; where
+// float rounding could put it one code off (p within rounding of a level) both candidate
+// pairs hold that level and it is the nearer one, so the chosen level is the same. Of hi
+// and the next code down, the nearer level in value wins.
+inline int log_code(float p, float scale, int steps, int zero_code, const float* levels) {
+  constexpr float kSqrt2 = 1.41421356237309504880f;
+  const float r = std::max(p / scale, 1e-30f);
+  int32_t bits;
+  std::memcpy(&bits, &r, sizeof(bits));
+  const int32_t ex = ((bits >> 23) & 0xff) - 127;  // r = m 2^ex, m in [1, 2)
+  const int32_t mbits = (bits & 0x7fffff) | 0x3f800000;
+  float m;
+  std::memcpy(&m, &mbits, sizeof(m));
+  // floor(-steps * log2(r)) = -steps * ex - ceil(steps * log2(m)) for m in [1, 2)
+  const int up = (m > 1.0f) ? ((steps == 1) ? 1 : (m > kSqrt2 ? 2 : 1)) : 0;
+  int hi = -steps * ex - up;
+  hi = std::min(std::max(hi, 0), zero_code);
+  const int lo = std::min(hi + 1, zero_code);
+  return (std::fabs(levels[hi] - p) <= std::fabs(p - levels[lo])) ? hi : lo;
+}
+
+// The nearest level (log_code), returned as (xq - x) + x like LogQuantizer.forward's
+// straight-through form.
 FQ_CLONES void fake_quant_log_span(const float* x, float* out, int64_t n, float scale, int steps, int zero_code,
                                    const float* levels) {
-  constexpr float kSqrt2 = 1.41421356237309504880f;
   for (int64_t j = 0; j < n; ++j) {
     const float v = x[j];
-    const float r = std::max(v / scale, 1e-30f);
-    int e;
-    const float m = 2.0f * std::frexp(r, &e);  // r = m * 2^(e-1), m in [1, 2)
-    const int p = e - 1;
-    // floor(-steps * log2(r)) = -steps * p - ceil(steps * log2(m)) for m in [1, 2)
-    int up = 0;
-    if (m > 1.0f) up = (steps == 1) ? 1 : (m > kSqrt2 ? 2 : 1);
-    int hi = -steps * p - up;
-    hi = std::min(std::max(hi, 0), zero_code);
-    const int lo = std::min(hi + 1, zero_code);
-    const float hv = levels[hi], lv = levels[lo];
-    const float q = (std::fabs(hv - v) <= std::fabs(v - lv)) ? hv : lv;
+    const float q = levels[log_code(v, scale, steps, zero_code, levels)];
     out[j] = (q - v) + v;
   }
 }
@@ -355,28 +362,10 @@ FQ_CLONES void uniform_codes_row(float* e, int64_t n, float sum, float ps, float
   }
 }
 
-// e[j] <- weights[code of P_j = e[j] / sum]: the log quantizer's nearest level in value, the
-// upper candidate from the float's exponent and mantissa bits (fake_quant_log_span's frexp for
-// the normal floats r >= 1e-30 takes), and the next one down.
+// e[j] <- weights[log_code(P_j = e[j] / sum)].
 FQ_CLONES void log_weights_row(float* e, int64_t n, float sum, float scale, int steps, int zero_code,
                                const float* levels, const float* weights) {
-  constexpr float kSqrt2 = 1.41421356237309504880f;
-  for (int64_t j = 0; j < n; ++j) {
-    const float p = e[j] / sum;
-    const float r = std::max(p / scale, 1e-30f);
-    int32_t bits;
-    std::memcpy(&bits, &r, sizeof(bits));
-    const int32_t ex = ((bits >> 23) & 0xff) - 127;  // r = m 2^ex, m in [1, 2)
-    const int32_t mbits = (bits & 0x7fffff) | 0x3f800000;
-    float m;
-    std::memcpy(&m, &mbits, sizeof(m));
-    const int up = (m > 1.0f) ? ((steps == 1) ? 1 : (m > kSqrt2 ? 2 : 1)) : 0;
-    int hi = -steps * ex - up;
-    hi = std::min(std::max(hi, 0), zero_code);
-    const int lo = std::min(hi + 1, zero_code);
-    const int c = (std::fabs(levels[hi] - p) <= std::fabs(p - levels[lo])) ? hi : lo;
-    e[j] = weights[c];
-  }
+  for (int64_t j = 0; j < n; ++j) e[j] = weights[log_code(e[j] / sum, scale, steps, zero_code, levels)];
 }
 
 // The same for log2 (steps 1), without tables: the levels scale 2^-c and the weights 2^-c are

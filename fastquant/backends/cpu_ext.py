@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.attention import QUANT_ATTENTION
+from ..ops.attention import QUANT_ATTENTION, log_level_table, log_weight_table
 from ..ops.fake_quant import FAKE_QUANT_LOG, FAKE_QUANT_UNIFORM
 from ..ops.int8_linear import INT8_LINEAR
-from ..quant.functional import log_levels
 from .availability import CPU_EXT_AVAILABLE, CPU_EXT_REASON
 
 OPS = (INT8_LINEAR, FAKE_QUANT_UNIFORM, FAKE_QUANT_LOG, QUANT_ATTENTION)
@@ -58,28 +57,18 @@ def fake_quant_log_supports(x, scale, steps, levels) -> bool:
     return _no_grad_float32(x)
 
 
-_TABLES: dict = {}  # (p_scale, p_steps, p_bits) -> (levels, 2^(-code / p_steps)) of the log quantizer
-
-
-def _log_tables(p_scale: float, p_steps: int, p_bits: int):
-    key = (p_scale, p_steps, p_bits)
-    if key not in _TABLES:
-        zero_code = (1 << p_bits) - 1
-        codes = torch.arange(zero_code + 1)
-        levels = log_levels(codes, p_scale, p_steps, zero_code).float().contiguous()
-        weights = torch.where(codes == zero_code, torch.zeros(()), torch.exp2(-codes.float() / p_steps)).contiguous()
-        _TABLES[key] = (levels, weights)
-    return _TABLES[key]
-
-
 def quant_attention(q, k, v, s_q, z_q, s_k, z_k, s_v, z_v, a_bits, sm_scale, p_scale, p_steps, p_bits):
     from fastquant import _C_cpu
 
-    levels, weights = (_log_tables(float(p_scale), int(p_steps), int(p_bits)) if p_steps
-                       else (torch.empty(0), torch.empty(0)))
-    return _C_cpu.quant_attention(q.float(), k.float(), v.float(), *(t.float().contiguous() for t in (s_q, z_q, s_k, z_k)),
-                                  float(s_v), float(z_v), int(a_bits), float(sm_scale), float(p_scale), int(p_steps),
-                                  int(p_bits), levels, weights)
+    if p_steps:
+        cpu = torch.device("cpu")
+        levels = log_level_table(float(p_scale), int(p_steps), int(p_bits), cpu)
+        weights = log_weight_table(int(p_steps), int(p_bits), cpu)
+    else:
+        levels = weights = torch.empty(0)
+    per_head = (t.float().contiguous() for t in (s_q, z_q, s_k, z_k))
+    return _C_cpu.quant_attention(q.float(), k.float(), v.float(), *per_head, float(s_v), float(z_v), int(a_bits),
+                                  float(sm_scale), float(p_scale), int(p_steps), int(p_bits), levels, weights)
 
 
 def quant_attention_supports(q, *args) -> bool:

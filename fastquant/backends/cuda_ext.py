@@ -8,14 +8,11 @@ keys sits in shared memory).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from ..ops.attention import QUANT_ATTENTION
+from ..ops.attention import QUANT_ATTENTION, log_level_table
 from ..ops.int8_linear import INT8_GEMM, INT8_LINEAR, PACK_WEIGHT_INT4, QUANTIZE_ASYM
 from ..ops.quantize_int8 import QUANTIZE_PER_TOKEN_INT8
-from ..quant.functional import log_levels
 from .availability import CUDA_EXT_AVAILABLE, CUDA_EXT_REASON
 
 OPS = (QUANTIZE_PER_TOKEN_INT8, QUANTIZE_ASYM, INT8_GEMM, PACK_WEIGHT_INT4, INT8_LINEAR, QUANT_ATTENTION)
@@ -68,18 +65,9 @@ def quant_attention(q, k, v, s_q, z_q, s_k, z_k, s_v, z_v, a_bits, sm_scale, p_s
 
     if q.dtype not in _FLOAT:
         q, k, v = q.float(), k.float(), v.float()
-    return _C.quant_attention(q, k, v, s_q, z_q, s_k, z_k, float(s_v), float(z_v), a_bits, float(sm_scale),
-                              _levels(float(p_scale), p_steps, p_bits, q.device), float(p_scale), p_steps, p_bits,
-                              q.dtype)
-
-
-@functools.lru_cache(maxsize=256)
-def _levels(p_scale: float, p_steps: int, p_bits: int, device: torch.device) -> torch.Tensor:
-    """The value of every log code (the kernel reads them from a table), made once per
-    quantizer and device."""
-    zero_code = (1 << p_bits) - 1
-    codes = torch.arange(zero_code + 1, device=device)
-    return log_levels(codes, p_scale, p_steps, zero_code).float().contiguous()
+    levels = log_level_table(float(p_scale), p_steps, p_bits, q.device)
+    return _C.quant_attention(q, k, v, s_q, z_q, s_k, z_k, float(s_v), float(z_v), a_bits, float(sm_scale), levels,
+                              float(p_scale), p_steps, p_bits, q.dtype)
 
 
 def quant_attention_supports(q, *args) -> bool:

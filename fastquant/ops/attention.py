@@ -36,14 +36,16 @@ uniform codes' P' V summed in int32 (exact).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
-from ..quant.functional import log_codes
+from ..quant.functional import log_codes, log_levels
 from .op import declare
 
-__all__ = ["QUANT_ATTENTION", "check_qkv", "quant_attention", "torch_quant_attention"]
+__all__ = ["QUANT_ATTENTION", "check_qkv", "log_level_table", "log_weight_table", "quant_attention",
+           "torch_quant_attention"]
 
 
 def _codes(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int, o: int) -> torch.Tensor:
@@ -75,6 +77,23 @@ def torch_quant_attention(q, k, v, s_q, z_q, s_k, z_k, s_v, z_v, a_bits: int, sm
     pv = pp.double() @ a_v.double() + c_v.double() * pp.double().sum(-1, keepdim=True)
     out = (torch.tensor(p_scale, dtype=torch.float32) * s_v) * pv.float()
     return out.transpose(1, 2).contiguous()
+
+
+@functools.lru_cache(maxsize=256)
+def log_level_table(p_scale: float, p_steps: int, p_bits: int, device: torch.device) -> torch.Tensor:
+    """The value of every log code, 0 .. zero code (the kernels read them from a table),
+    made once per quantizer and device."""
+    zero_code = (1 << p_bits) - 1
+    codes = torch.arange(zero_code + 1, device=device)
+    return log_levels(codes, p_scale, p_steps, zero_code).float().contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def log_weight_table(p_steps: int, p_bits: int, device: torch.device) -> torch.Tensor:
+    """P' of every log code, 2^(-code / p_steps), 0 for the zero code (float32)."""
+    zero_code = (1 << p_bits) - 1
+    codes = torch.arange(zero_code + 1, device=device)
+    return torch.where(codes == zero_code, 0.0, torch.exp2(-codes.float() / p_steps)).contiguous()
 
 
 def check_qkv(name: str, q, k, v, dtypes: tuple, dtype_rule: str) -> tuple[int, int, int, int]:
