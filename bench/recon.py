@@ -63,6 +63,12 @@ VARIANTS = {
     # The rounding stays soft through the fine levels, turning hard at the last one.
     "pfcr-lract-nodrop-anneal": ("pfcr", LRACT + ["--recon-set", "qdrop_p=0.0", "--recon-set", "carry=1.0",
                                                   "--recon-set", "anneal=levels"]),
+    # Without POS (its weights_first stage trains the rounding with float activations and
+    # leaves the activation steps half the steps): level 0 then matches block units.
+    "pfcr-lract-nopos-nodrop-carry1": ("pfcr", LRACT + ["--no-pos", "--recon-set", "qdrop_p=0.0",
+                                                        "--recon-set", "carry=1.0"]),
+    "pfcr-lract-nopos-nodrop-anneal": ("pfcr", LRACT + ["--no-pos", "--recon-set", "qdrop_p=0.0",
+                                                        "--recon-set", "carry=1.0", "--recon-set", "anneal=levels"]),
     "pfcr-nopos": ("pfcr", ["--no-pos"]),
     "pfcr-carry1": ("pfcr", ["--recon-set", "carry=1.0"]),      # keep the previous level's rounding as is
     "pfcr-level0": ("pfcr", ["--recon-set", "stop_at=0"]),      # attention and MLP units only
