@@ -102,9 +102,15 @@ def main(argv=None):
     rows = [top1([], "nothing (all quantized)")]
     weights = [qz for name, qz in quantizers.items() if name.endswith("weight_quant")]
     rows.append(top1([qz for qz in quantizers.values() if qz not in weights], "every activation"))
-    rows.append(top1(weights, "every weight"))
+    if args.quantized:
+        # a saved model holds its weights on their grid: with the weight quantizers off they
+        # are the same values, so the weight rows would only repeat "all quantized"
+        print("(a saved model stores its weights as integers: no float weights to compare)")
+    else:
+        rows.append(top1(weights, "every weight"))
     for kind, qzs in sorted(kinds.items()):
-        rows.append(top1(qzs, kind))
+        if not (args.quantized and kind.endswith("weight_quant")):
+            rows.append(top1(qzs, kind))
     if args.per_block:
         blocks = sorted({block_of(name) for name in quantizers} - {None})
         for b in blocks:

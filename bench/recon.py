@@ -59,6 +59,7 @@ VARIANTS = {
     "qdrop-lract": ("qdrop", LRACT),
     "qdrop-lract-decay": ("qdrop", LRACT + DECAY),
     "mgrq-lract": ("mgrq", LRACT),
+    "mgrq-nodrop-lract": ("mgrq", LRACT + ["--recon-set", "qdrop_p=0.0"]),  # MGRQ's terms on BRECQ
     "pfcr-lract-nodrop-carry1": ("pfcr", LRACT + ["--recon-set", "qdrop_p=0.0", "--recon-set", "carry=1.0"]),
     # The rounding stays soft through the fine levels, turning hard at the last one.
     "pfcr-lract-nodrop-anneal": ("pfcr", LRACT + ["--recon-set", "qdrop_p=0.0", "--recon-set", "carry=1.0",
