@@ -70,6 +70,8 @@ VARIANTS = {
                                                         "--recon-set", "carry=1.0"]),
     "pfcr-lract-nopos-nodrop-anneal": ("pfcr", LRACT + ["--no-pos", "--recon-set", "qdrop_p=0.0",
                                                         "--recon-set", "carry=1.0", "--recon-set", "anneal=levels"]),
+    "pfcr-lract-nopos-nodrop-level0": ("pfcr", LRACT + ["--no-pos", "--recon-set", "qdrop_p=0.0",
+                                                        "--recon-set", "stop_at=0"]),  # half-block units only
     "pfcr-nopos": ("pfcr", ["--no-pos"]),
     "pfcr-carry1": ("pfcr", ["--recon-set", "carry=1.0"]),      # keep the previous level's rounding as is
     "pfcr-level0": ("pfcr", ["--recon-set", "stop_at=0"]),      # attention and MLP units only

@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                         + " (default: full with CUDA, else cpu)")
     r.add_argument("--iters", type=_positive, help="steps per unit (default: the budget's)")
     r.add_argument("--no-pos", action="store_true",
-                   help="the same as --recon-set pos=False: without the progressive optimisation strategy (pfcr)")
+                   help="the same as --recon-set pos=False: without the progressive optimisation strategy "
+                        "(pfcr; its default since measured, --recon-set pos=True turns it on)")
     r.add_argument("--recon-set", type=_recon_setting, action="append", default=[], metavar="KEY=VALUE",
                    help="set a reconstruction setting or a method option (fastquant.recon.ReconConfig), e.g. "
                         "qdrop_p=0, carry=1.0, stop_at=0 (repeatable; applied after the budget and --no-pos)")

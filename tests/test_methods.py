@@ -102,9 +102,10 @@ def test_fastquant_methods_are_records():
     assert ReconConfig(method="mgrq", iters=300, lr_act=1e-3).resolved("lr_act") == 1e-3  # given wins
     pfcr = get_method("pfcr")
     assert set(pfcr.options) == {"pos", "pos_split", "pos_mode", "carry", "anneal", "merge", "stop_at"}
-    cfg = ReconConfig(method="pfcr", iters=10)
+    cfg = ReconConfig(method="pfcr", iters=10, pos=True)
     assert pfcr.stages(cfg) == ([Stage(0, float_acts=True), Stage(5)], 0)
-    assert pfcr.stages(ReconConfig(method="pfcr", iters=10, pos_mode="acts_first")) == (
+    assert pfcr.stages(ReconConfig(method="pfcr", iters=10)) == ([Stage(0)], 0)  # no POS by default
+    assert pfcr.stages(ReconConfig(method="pfcr", iters=10, pos=True, pos_mode="acts_first")) == (
         [Stage(0, float_weights=True), Stage(5)], 5)
     assert pfcr.stages(ReconConfig(method="pfcr", iters=10, pos=False)) == ([Stage(0)], 0)
     assert get_method("qdrop").stages(cfg) == ([Stage(0)], 0)

@@ -194,8 +194,11 @@ def test_float_reference_defaults_to_the_model_with_quantizers_off(w4a4):
 def test_methods_are_configurations(w4a4):
     model, q0, calib = w4a4
     assert recon.ReconConfig(method="brecq").resolved("qdrop_p") == 0.0
-    assert recon.ReconConfig(method="pfcr").resolved("pos") is True
-    assert recon.ReconConfig(method="pfcr", pos=False).resolved("pos") is False
+    assert recon.ReconConfig(method="pfcr").resolved("pos") is False  # measured better (methods/pfcr.py)
+    assert recon.ReconConfig(method="pfcr", pos=True).resolved("pos") is True
+    assert recon.ReconConfig(method="pfcr").resolved("anneal") == "levels"
+    assert recon.ReconConfig(method="pfcr").resolved("carry") == 1.0
+    assert recon.ReconConfig(method="pfcr").resolved("qdrop_p") == 0.0
     assert recon.ReconConfig(method="mgrq").resolved("w_global") > 0
     assert recon.ReconConfig(iters=20000).resolved("lr_round") == 1e-3
     assert recon.ReconConfig(iters=300).resolved("lr_round") == pytest.approx(1e-3 * 20000 / 300)
@@ -205,12 +208,12 @@ def test_methods_are_configurations(w4a4):
     assert recon.ReconConfig(iters=10, lr_act=None).resolved("lr_act") == 1e-2
 
     q = copy.deepcopy(q0)
-    pfcr = recon.run_method(model, q, calib, "pfcr", fast(iters=6, stop_at=1), progress=False)
+    pfcr = recon.run_method(model, q, calib, "pfcr", fast(iters=6, stop_at=1, pos=True), progress=False)
     assert [u.name for u in pfcr.units][:3] == ["attn0", "mlp0", "attn1"] and len(pfcr.units) == 12
     # POS: the activations turn quantized half-way, and the losses are normalised afresh.
     assert all(u.history[0] == 1.0 and u.history[3] == 1.0 for u in pfcr.units)
     q = copy.deepcopy(q0)
-    acts_first = recon.run_method(model, q, calib, "pfcr", fast(iters=6, stop_at=0, pos_mode="acts_first"),
+    acts_first = recon.run_method(model, q, calib, "pfcr", fast(iters=6, stop_at=0, pos=True, pos_mode="acts_first"),
                                   progress=False)
     assert len(acts_first.units) == 8 and all(u.history[3] == 1.0 for u in acts_first.units)
 
@@ -264,8 +267,8 @@ def test_schedules_of_lr_and_qdrop(w4a4):
 
 
 def test_pfcr_anneals_across_levels_when_asked(w4a4):
-    """anneal="levels": one regulariser schedule over all levels (unit of level k starts k/L
-    of the way); "unit" (the default): each unit its own."""
+    """anneal="levels" (the default): one regulariser schedule over all levels (unit of level
+    k starts k/L of the way); "unit": each unit its own."""
     from types import SimpleNamespace
 
     from fastquant.recon.methods.pfcr import round_window
@@ -273,8 +276,8 @@ def test_pfcr_anneals_across_levels_when_asked(w4a4):
     def ctx(level, **kw):
         return SimpleNamespace(cfg=fast(method="pfcr", **kw), level=level, engine=SimpleNamespace(n_levels=3))
 
-    assert [round_window(ctx(k), 10) for k in range(3)] == [(0, 10)] * 3
-    assert [round_window(ctx(k, anneal="levels"), 10) for k in range(3)] == [(0, 30), (10, 30), (20, 30)]
+    assert [round_window(ctx(k, anneal="unit"), 10) for k in range(3)] == [(0, 10)] * 3
+    assert [round_window(ctx(k), 10) for k in range(3)] == [(0, 30), (10, 30), (20, 30)]
     with pytest.raises(fastquant.FastquantError, match="anneal must be one of"):
         fast(method="pfcr", anneal="never")
     model, q0, calib = w4a4
