@@ -14,9 +14,10 @@ counts only the resumed part: the JSON's `recon_resumed_from` says so). Then it 
 and prints a Markdown table with each row's budget, steps per unit and wall time.
 
 Reused runs keep the defaults they ran with: the committed `brecq`, `qdrop`, `pfcr`,
-`pfcr-nopos` and `mgrq` runs used `lr_act` 4e-5 and the `repq` runs no fc2 smoothing (the
-defaults then; each JSON's `recon_config` / `config` says so). Delete a run's JSON to
-measure it with today's defaults.
+`pfcr-nopos` and `mgrq` runs used `lr_act` 4e-5, the `pfcr` ones also the paper's PFCR
+settings (POS, QDrop 0.5, `carry=0.5`, `anneal=unit`), and the `repq` runs no fc2
+smoothing (the defaults then; each JSON's `recon_config` / `config` says so). Delete a
+run's JSON to measure it with today's defaults.
 """
 from __future__ import annotations
 
@@ -40,6 +41,11 @@ SMOOTH = ["--fc2-smooth", "1.0"]
 FLOAT = ["--recon-set", "lr_bias=1e-3", "--recon-set", "lr_norm=1e-4"]
 COS = ["--recon-set", "lr_schedule=cosine"]
 DECAY = ["--recon-set", "qdrop_schedule=linear"]
+# PFCR's settings from the paper (its defaults until measured otherwise; with --no-pos,
+# PAPER_NOPOS, since --recon-set is applied after --no-pos).
+PAPER_NOPOS = ["--recon-set", "qdrop_p=0.5", "--recon-set", "carry=0.5", "--recon-set", "anneal=unit"]
+PAPER = ["--recon-set", "pos=True"] + PAPER_NOPOS
+NODROP, CARRY1 = ["--recon-set", "qdrop_p=0.0"], ["--recon-set", "carry=1.0"]
 VARIANTS = {
     "repq-smooth05": ("repq", ["--fc2-smooth", "0.5"]),
     "repq-smooth": ("repq", SMOOTH),
@@ -52,33 +58,32 @@ VARIANTS = {
     "brecq-auto-it100": ("brecq", ["--iters", "100", "--recon-set", "lr_act=None"]),
     "brecq-auto": ("brecq", ["--recon-set", "lr_act=None"]),
     "brecq-auto-it1000": ("brecq", ["--iters", "1000", "--recon-set", "lr_act=None"]),
-    "pfcr-auto-it100": ("pfcr", ["--iters", "100", "--recon-set", "lr_act=None", "--recon-set", "qdrop_p=0.0",
-                                 "--recon-set", "carry=1.0"]),
-    "pfcr-auto-it1000": ("pfcr", ["--iters", "1000", "--recon-set", "lr_act=None", "--recon-set", "qdrop_p=0.0",
-                                  "--recon-set", "carry=1.0"]),
+    "pfcr-auto-it100": ("pfcr", ["--iters", "100", "--recon-set", "lr_act=None"] + PAPER + NODROP + CARRY1),
+    "pfcr-auto-it1000": ("pfcr", ["--iters", "1000", "--recon-set", "lr_act=None"] + PAPER + NODROP + CARRY1),
     "qdrop-lract": ("qdrop", LRACT),
     "qdrop-lract-decay": ("qdrop", LRACT + DECAY),
     "mgrq-lract": ("mgrq", LRACT),
-    "mgrq-nodrop-lract": ("mgrq", LRACT + ["--recon-set", "qdrop_p=0.0"]),  # MGRQ's terms on BRECQ
-    "pfcr-lract-nodrop-carry1": ("pfcr", LRACT + ["--recon-set", "qdrop_p=0.0", "--recon-set", "carry=1.0"]),
+    "mgrq-nodrop-lract": ("mgrq", LRACT + NODROP),  # MGRQ's terms on BRECQ
+    "pfcr-lract-nodrop-carry1": ("pfcr", LRACT + PAPER + NODROP + CARRY1),
     # The rounding stays soft through the fine levels, turning hard at the last one.
-    "pfcr-lract-nodrop-anneal": ("pfcr", LRACT + ["--recon-set", "qdrop_p=0.0", "--recon-set", "carry=1.0",
-                                                  "--recon-set", "anneal=levels"]),
+    "pfcr-lract-nodrop-anneal": ("pfcr", LRACT + PAPER + NODROP + CARRY1 + ["--recon-set", "anneal=levels"]),
     # Without POS (its weights_first stage trains the rounding with float activations and
     # leaves the activation steps half the steps): level 0 then matches block units.
-    "pfcr-lract-nopos-nodrop-carry1": ("pfcr", LRACT + ["--no-pos", "--recon-set", "qdrop_p=0.0",
-                                                        "--recon-set", "carry=1.0"]),
-    "pfcr-lract-nopos-nodrop-anneal": ("pfcr", LRACT + ["--no-pos", "--recon-set", "qdrop_p=0.0",
-                                                        "--recon-set", "carry=1.0", "--recon-set", "anneal=levels"]),
-    "pfcr-lract-nopos-nodrop-level0": ("pfcr", LRACT + ["--no-pos", "--recon-set", "qdrop_p=0.0",
-                                                        "--recon-set", "stop_at=0"]),  # half-block units only
-    "pfcr-nopos": ("pfcr", ["--no-pos"]),
-    "pfcr-carry1": ("pfcr", ["--recon-set", "carry=1.0"]),      # keep the previous level's rounding as is
-    "pfcr-level0": ("pfcr", ["--recon-set", "stop_at=0"]),      # attention and MLP units only
-    "pfcr-nodrop": ("pfcr", ["--recon-set", "qdrop_p=0.0"]),    # no QDrop (as brecq)
-    "pfcr-nopos-carry1": ("pfcr", ["--no-pos", "--recon-set", "carry=1.0"]),
-    "pfcr-nopos-nodrop": ("pfcr", ["--no-pos", "--recon-set", "qdrop_p=0.0"]),
-    "pfcr-nodrop-carry1": ("pfcr", ["--recon-set", "qdrop_p=0.0", "--recon-set", "carry=1.0"]),
+    "pfcr-lract-nopos-nodrop-carry1": ("pfcr", LRACT + ["--no-pos"] + NODROP + CARRY1 + ["--recon-set", "anneal=unit"]),
+    # PFCR's defaults since this row measured best (no POS, no QDrop, carry=1, anneal=levels).
+    "pfcr-lract-nopos-nodrop-anneal": ("pfcr", LRACT + ["--no-pos"] + NODROP + CARRY1
+                                       + ["--recon-set", "anneal=levels"]),
+    "pfcr-lract-nopos-nodrop-level0": ("pfcr", LRACT + ["--no-pos"] + NODROP
+                                       + ["--recon-set", "stop_at=0"]),  # half-block units only
+    "pfcr-nopos": ("pfcr", ["--no-pos"] + PAPER_NOPOS),
+    "pfcr-carry1": ("pfcr", PAPER + CARRY1),      # keep the previous level's rounding as is
+    "pfcr-level0": ("pfcr", PAPER + ["--recon-set", "stop_at=0"]),  # attention and MLP units only
+    "pfcr-nodrop": ("pfcr", PAPER + NODROP),    # no QDrop (as brecq)
+    "pfcr-nopos-carry1": ("pfcr", ["--no-pos"] + PAPER_NOPOS + CARRY1),
+    "pfcr-nopos-nodrop": ("pfcr", ["--no-pos"] + PAPER_NOPOS + NODROP),
+    "pfcr-nodrop-carry1": ("pfcr", PAPER + NODROP + CARRY1),
+    # The main table's pfcr row with the paper's settings, the pfcr defaults when it ran.
+    "pfcr-paper": ("pfcr", PAPER),
 }
 
 

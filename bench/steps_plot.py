@@ -4,8 +4,9 @@ otherwise), from the finished runs in bench/results/runs/ (bench/recon.py writes
     python bench/steps_plot.py [--out bench/results/steps_dinov2-s14-fmnist_w4a4.png]
 
 Rows (the activation steps' learning rate scaled with the steps, lr_act=None, or its value
-at 300 steps, 2.7e-3): brecq-auto-it100, brecq-lract (300), brecq-auto-it1000; PFCR without
-QDrop and with carry=1: pfcr-auto-it100, pfcr-lract-nodrop-carry1 (300). A row not run yet
+at 300 steps, 2.7e-3): brecq-auto-it100, brecq-lract (300), brecq-auto-it1000; PFCR with
+POS, without QDrop and with carry=1: pfcr-auto-it100, pfcr-lract-nodrop-carry1 (300),
+pfcr-auto-it1000; PFCR with today's defaults at 300: pfcr-lract-nopos-nodrop-anneal. A row not run yet
 is listed as missing and left out of the plot. Writes the PNG and a JSON beside it.
 """
 from __future__ import annotations
@@ -18,8 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "bench" / "results" / "runs"
 SERIES = {
     "brecq": {100: "brecq-auto-it100", 300: "brecq-lract", 1000: "brecq-auto-it1000"},
-    "pfcr (no QDrop, carry=1)": {100: "pfcr-auto-it100", 300: "pfcr-lract-nodrop-carry1",
-                                 1000: "pfcr-auto-it1000"},
+    "pfcr (POS, no QDrop, carry=1)": {100: "pfcr-auto-it100", 300: "pfcr-lract-nodrop-carry1",
+                                      1000: "pfcr-auto-it1000"},
+    "pfcr (today's defaults: no POS, anneal=levels)": {300: "pfcr-lract-nopos-nodrop-anneal"},
 }
 
 
