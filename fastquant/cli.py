@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(pfcr; its default since measured, --recon-set pos=True turns it on)")
     r.add_argument("--recon-set", type=_recon_setting, action="append", default=[], metavar="KEY=VALUE",
                    help="set a reconstruction setting or a method option (fastquant.recon.ReconConfig), e.g. "
-                        "qdrop_p=0, carry=1.0, stop_at=0 (repeatable; applied after the budget and --no-pos)")
+                        "qdrop_p=0.5, carry=0.5, stop_at=0 (repeatable; applied after the budget and --no-pos)")
     r.add_argument("--state-dir", type=Path, help="save the reconstruction state here after every unit")
     r.add_argument("--resume", action="store_true", help="continue the reconstruction saved in --state-dir")
     r.add_argument("--plot", type=Path, help="write a PNG of every unit's loss across levels")

@@ -3,7 +3,7 @@
 The engine's own settings are fields; a method's own options (``fastquant.recon.registry``)
 are given the same way and kept in ``options``:
 
-    ReconConfig(method="pfcr", iters=500, carry=1.0)
+    ReconConfig(method="pfcr", iters=500, carry=0.5)
 
 Fields left at ``None`` (``qdrop_p``, ``w_global``, ``w_local``) and options not given take
 the method's defaults; ``resolved(name)`` reads any of them after defaults are applied.

@@ -5,8 +5,8 @@ A :class:`ReconMethod` says, as data and small functions, everything that makes 
 - ``defaults``: its values of the engine's settings (``ReconConfig`` fields left at None:
   QDrop's probability, the weights of the loss terms, the activation steps' learning rate);
 - ``options``: settings of its own, declared with :func:`register_option` (name, default,
-  check), set like the others (``ReconConfig(method="pfcr", carry=1.0)``,
-  ``--recon-set carry=1.0``);
+  check), set like the others (``ReconConfig(method="pfcr", carry=0.5)``,
+  ``--recon-set carry=0.5``);
 - ``schedule(model, cfg)``: the levels of units it reconstructs, in order;
 - ``stages(cfg)``: how each unit's steps are split into stages (which operands pass in float
   during each) and the step at which the rounding regulariser's schedule starts;
