@@ -24,9 +24,11 @@ paper leaves open is an option below.
 
 Defaults, set by measurement (docs/methods.md, "Accuracy at W4A4: what was tried";
 dinov2-s14-fmnist W4A4, cpu budget, first 2,000 test images): no POS, no QDrop, ``carry=1``
-and ``anneal="levels"`` reach 77.25 top-1, against 55.25 with the settings the paper
-describes (POS ``weights_first``, QDrop 0.5, ``carry=0.5``, each unit annealed on its own)
-and 76.65 with ``anneal="unit"``. Where the settings the paper describes lose: POS leaves
+and ``anneal="levels"`` reach 77.25 top-1 (activation steps at ``lr_act`` 2.7e-3, the
+scaled default), against 55.25 with the settings the paper describes (POS
+``weights_first``, QDrop 0.5, ``carry=0.5``, each unit annealed on its own; ``lr_act``
+4e-5), 68.05 with POS but no QDrop and ``carry=1`` (2.7e-3), and 76.65 without POS with
+``anneal="unit"``. Where the settings the paper describes lose: POS leaves
 an MLP half's output error 2.6x that of the same unit without it (bench/unit_compare.py),
 QDrop costs 8-17 points at 300 steps per unit, ``carry=0.5`` undoes decided rounding the
 coarse levels do not win back, and with the rounding hard after level 0 the coarse levels
