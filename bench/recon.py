@@ -51,6 +51,7 @@ VARIANTS = {
     "repq-smooth": ("repq", SMOOTH),
     "brecq-lract-smooth": ("brecq", LRACT + SMOOTH),
     "brecq-lract": ("brecq", LRACT),
+    "brecq-lract-seed1": ("brecq", LRACT + ["--seed", "1"]),  # another calibration set and batch order
     "brecq-lract-float": ("brecq", LRACT + FLOAT),
     "brecq-lract-cos": ("brecq", LRACT + COS),
     "brecq-lract10": ("brecq", ["--recon-set", "lr_act=1e-2"]),
