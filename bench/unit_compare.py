@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,16 +23,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+sys.path.insert(0, str(ROOT / "bench"))
 
 
 def main(argv=None):
@@ -61,6 +50,7 @@ def main(argv=None):
     from fastquant.models import load_model
     from fastquant.recon import ReconConfig
     from fastquant.recon.engine import reconstruct
+    from run import commit, device_name, versions
 
     torch.manual_seed(args.seed)
     model, dcfg, _ = load_model(args.model)
@@ -88,13 +78,12 @@ def main(argv=None):
         rows.append({"schedule": sched, "units": units, "seconds": round(time.time() - t0, 1)})
         print(f"{sched}: " + ", ".join(f"{u['name']} {u['mse_before']:.4f} -> {u['mse_after']:.4f}" for u in units),
               flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     stem = f"unit_compare_{args.model}_{args.method}_w{args.w_bits}a{args.a_bits}"
     out = args.json or ROOT / "bench" / "results" / f"{stem}.json"
     out.write_text(json.dumps({"model": args.model, "w_bits": args.w_bits, "a_bits": args.a_bits,
                                "recon_config": cfg.to_dict(), "calib_size": args.calib_size, "seed": args.seed,
-                               "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                               "commit": commit, "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2) + "\n")
+                               "device": device_name(torch.device("cpu")), "commit": commit(), **versions(),
+                               "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
 
 
