@@ -45,6 +45,7 @@ DECAY = ["--recon-set", "qdrop_schedule=linear"]
 # PAPER_NOPOS, since --recon-set is applied after --no-pos).
 PAPER_NOPOS = ["--recon-set", "qdrop_p=0.5", "--recon-set", "carry=0.5", "--recon-set", "anneal=unit"]
 PAPER = ["--recon-set", "pos=True"] + PAPER_NOPOS
+HEAD = ["--recon-set", "w_head=1.0"]
 NODROP, CARRY1 = ["--recon-set", "qdrop_p=0.0"], ["--recon-set", "carry=1.0"]
 VARIANTS = {
     "repq-smooth05": ("repq", ["--fc2-smooth", "0.5"]),
@@ -85,6 +86,18 @@ VARIANTS = {
     "pfcr-nodrop-carry1": ("pfcr", PAPER + NODROP + CARRY1),
     # The main table's pfcr row with the paper's settings, the pfcr defaults when it ran.
     "pfcr-paper": ("pfcr", PAPER),
+    # Today's pfcr defaults with another calibration set and batch order (as brecq-lract-seed1).
+    "pfcr-lract-seed1": ("pfcr", LRACT + ["--seed", "1"]),
+    "pfcr-lract": ("pfcr", LRACT),  # today's pfcr defaults at the rows' lr_act
+    # More calibration images at the same steps (the cpu budget's 256 are revisited ~37 times).
+    "brecq-lract-cal1024": ("brecq", LRACT + ["--calib-size", "1024"]),
+    "brecq-lract-cal1024-seed1": ("brecq", LRACT + ["--calib-size", "1024", "--seed", "1"]),
+    "pfcr-lract-cal1024": ("pfcr", LRACT + ["--calib-size", "1024"]),
+    # The last block also fitted to the logits through the final norm and head (KL).
+    "brecq-lract-head": ("brecq", LRACT + HEAD),
+    "brecq-lract-head-seed1": ("brecq", LRACT + HEAD + ["--seed", "1"]),
+    "pfcr-lract-head": ("pfcr", LRACT + HEAD),
+    "pfcr-lract-head-seed1": ("pfcr", LRACT + HEAD + ["--seed", "1"]),
 }
 
 

@@ -245,6 +245,26 @@ def test_float_parameters_train_only_when_asked(w4a4):
         assert all(torch.equal(v, floats(q0, 1)[k]) for k, v in floats(q, 1).items())  # block 1 not trained
 
 
+def test_head_term_joins_only_the_last_unit(w4a4):
+    """w_head adds the logits' KL to the unit that ends at the last block and to no other;
+    off (0, the default) it changes nothing."""
+    model, q0, calib = w4a4
+    depth = len(q0.blocks)
+    runs = {}
+    for name, kw in (("off", {}), ("head", dict(w_head=1.0))):
+        q = copy.deepcopy(q0)
+        runs[name] = recon.run_method(model, q, calib, "brecq", fast(**kw), progress=False).units
+    assert len(runs["off"]) == depth
+    for a, b in zip(runs["off"][:-1], runs["head"][:-1]):
+        assert a.history == b.history
+    last_off, last_head = runs["off"][-1], runs["head"][-1]
+    # The loss at the first step is each term normalised to 1: one term without, two with.
+    assert last_off.history[0] == pytest.approx(1.0) and last_head.history[0] == pytest.approx(2.0)
+    assert last_head.history != last_off.history
+    with pytest.raises(fastquant.FastquantError, match="w_head must be a non-negative"):
+        fast(w_head=-1.0)
+
+
 def test_schedules_of_lr_and_qdrop(w4a4):
     from fastquant.recon.engine import qdrop_at
 

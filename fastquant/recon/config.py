@@ -67,6 +67,10 @@ class ReconConfig:
       unit: ``moments`` aligns the per-channel mean and standard deviation of the layer's
       output with the float layer's on the float input (normalised by the float
       variance), ``mse`` compares the outputs element-wise.
+    - ``w_head``: on the unit that ends at the last block only, the KL divergence from
+      the float model's logits to the logits of the unit's output run through the final
+      norm and the head as quantized (what the classifier reads: the whole-token MSE
+      weighs every token alike, the head pools them). 0: off.
     - ``matmul_dtype``: the dtype of the training steps' linear-layer products, taken on
       the integer grids with the scales applied in fp32 (``fastquant.ops.grid_linear``):
       ``bfloat16`` (exact products for hard-rounded operands, the result rounded to 8
@@ -110,6 +114,7 @@ class ReconConfig:
     w_rec: float = 1.0
     w_global: Optional[float] = None
     w_local: Optional[float] = None
+    w_head: float = 0.0
     global_rest: str = "quant"
     global_batch: Optional[int] = None
     local_loss: str = "moments"
@@ -178,6 +183,8 @@ class ReconConfig:
             weights[name] = v
         if not any(weights.values()):
             raise FastquantError("the loss weights w_rec, w_global and w_local are all zero: nothing to optimise")
+        if not finite(self.w_head) or self.w_head < 0:
+            raise FastquantError(f"loss weight w_head must be a non-negative number, got {self.w_head!r}")
         if self.global_rest not in GLOBAL_RESTS:
             raise FastquantError(f"global_rest must be one of {', '.join(GLOBAL_RESTS)}, got {self.global_rest!r}")
         if self.local_loss not in LOCAL_LOSSES:

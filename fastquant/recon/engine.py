@@ -329,7 +329,8 @@ class _Engine:
         rounding_steps = cfg.iters - round_from
         window = method.round_window(ctx, rounding_steps) if method.round_window else (0, rounding_steps)
         stage_at = {st.start: st for st in stages}  # a later stage at the same step replaces an earlier one
-        terms = [(spec.name, w, spec.make(ctx)) for spec in TERMS for w in [cfg.resolved(spec.weight)] if w > 0]
+        terms = [(spec.name, w, spec.make(ctx)) for spec in TERMS for w in [cfg.resolved(spec.weight)]
+                 if w > 0 and (spec.applies is None or spec.applies(ctx))]
         n, bs = len(s.q), min(cfg.batch_size, len(s.q))
         history, norms, reg_last = [], {}, 0.0
         bar = tqdm(range(cfg.iters), desc=label, unit="it", disable=not self.progress, leave=False)

@@ -11,6 +11,9 @@ the order their values are summed, each with the setting that weighs it:
   the float model's logits to the logits of the unit's output run through the rest of the
   model (``global_rest``: the rest ``quant``ized or in ``float``; ``global_batch``: on the
   first images of each batch only);
+- ``head`` (``w_head``): on the unit ending at the last block only, the KL divergence from
+  the float model's logits to the logits of the unit's output through the final norm and
+  the head (quantized as they are);
 - ``local`` (``w_local``, MGRQ's intra-block local supervision): per QuantLinear of the unit,
   its output against the float model's same layer on the float input (``local_loss``:
   ``moments`` aligns per-channel means and standard deviations, ``mse`` the elements).
@@ -23,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..adapters import Unit, rest_modules, run_rest, run_span
+from ..adapters import Unit, depth_of, rest_modules, run_head, run_rest, run_span
 from ..errors import FastquantError
 from ..quant import quantizers_in, quantizers_off
 
@@ -75,6 +78,22 @@ class GlobalKL(Term):
         with quantizers_off(self.rest_quantizers):
             logits = run_rest(ctx.model, out, ctx.unit)
         ref = fp_logits[idx.to(fp_logits.device)].to(ctx.device)
+        return F.kl_div(F.log_softmax(logits, -1), F.log_softmax(ref, -1), log_target=True, reduction="batchmean")
+
+
+class HeadKL(Term):
+    """KL(float model's softmax || softmax of the last unit's output through the final norm
+    and the head)."""
+
+    @staticmethod
+    def applies(ctx) -> bool:
+        return ctx.unit.end == 2 * depth_of(ctx.model)
+
+    def value(self, out, batch):
+        ctx = self.ctx
+        fp_logits = ctx.float_logits()
+        logits = run_head(ctx.model, out)
+        ref = fp_logits[batch.idx.to(fp_logits.device)].to(ctx.device)
         return F.kl_div(F.log_softmax(logits, -1), F.log_softmax(ref, -1), log_target=True, reduction="batchmean")
 
 
@@ -139,10 +158,11 @@ class TermSpec:
     name: str
     weight: str  # the setting (ReconConfig field or method option) that weighs it
     make: Any
+    applies: Any = None  # (ctx) -> whether the term takes part for this unit (None: always)
 
 
 TERMS = [TermSpec("rec", "w_rec", Reconstruction), TermSpec("global", "w_global", GlobalKL),
-         TermSpec("local", "w_local", LocalAlignment)]
+         TermSpec("head", "w_head", HeadKL, HeadKL.applies), TermSpec("local", "w_local", LocalAlignment)]
 
 
 def register_term(spec: TermSpec) -> TermSpec:
@@ -153,5 +173,5 @@ def register_term(spec: TermSpec) -> TermSpec:
     return spec
 
 
-__all__ = ["StepBatch", "Term", "Reconstruction", "GlobalKL", "LocalAlignment", "TermSpec", "TERMS", "register_term",
+__all__ = ["StepBatch", "Term", "Reconstruction", "GlobalKL", "HeadKL", "LocalAlignment", "TermSpec", "TERMS", "register_term",
            "Unit"]
