@@ -70,7 +70,8 @@ class ReconConfig:
     - ``w_head``: on the unit that ends at the last block only, the KL divergence from
       the float model's logits to the logits of the unit's output run through the final
       norm and the head as quantized (what the classifier reads: the whole-token MSE
-      weighs every token alike, the head pools them). 0: off.
+      weighs every token alike, the head pools them). 0: off. Measured on dinov2-s14-fmnist
+      W4A4 (brecq, cpu budget, first 2,000 test images): 66.80 at 1 against 76.30 off.
     - ``matmul_dtype``: the dtype of the training steps' linear-layer products, taken on
       the integer grids with the scales applied in fp32 (``fastquant.ops.grid_linear``):
       ``bfloat16`` (exact products for hard-rounded operands, the result rounded to 8
