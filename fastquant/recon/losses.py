@@ -55,6 +55,11 @@ class Term:
         pass
 
 
+def kl_to_float(logits: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(ref) || softmax(logits)), averaged over the batch."""
+    return F.kl_div(F.log_softmax(logits, -1), F.log_softmax(ref, -1), log_target=True, reduction="batchmean")
+
+
 class Reconstruction(Term):
     def value(self, out, batch):
         return F.mse_loss(out, batch.target)
@@ -78,7 +83,7 @@ class GlobalKL(Term):
         with quantizers_off(self.rest_quantizers):
             logits = run_rest(ctx.model, out, ctx.unit)
         ref = fp_logits[idx.to(fp_logits.device)].to(ctx.device)
-        return F.kl_div(F.log_softmax(logits, -1), F.log_softmax(ref, -1), log_target=True, reduction="batchmean")
+        return kl_to_float(logits, ref)
 
 
 class HeadKL(Term):
@@ -94,7 +99,7 @@ class HeadKL(Term):
         fp_logits = ctx.float_logits()
         logits = run_head(ctx.model, out)
         ref = fp_logits[batch.idx.to(fp_logits.device)].to(ctx.device)
-        return F.kl_div(F.log_softmax(logits, -1), F.log_softmax(ref, -1), log_target=True, reduction="batchmean")
+        return kl_to_float(logits, ref)
 
 
 class LocalAlignment(Term):
