@@ -177,15 +177,14 @@ class ReconConfig:
             if message:
                 raise FastquantError(message)
         weights = {}
-        for name in ("w_rec", "w_global", "w_local"):
+        for name in ("w_rec", "w_global", "w_local", "w_head"):
             v = self.resolved(name)
             if not finite(v) or v < 0:
                 raise FastquantError(f"loss weight {name} must be a non-negative number, got {v!r}")
             weights[name] = v
-        if not any(weights.values()):
+        # w_head alone would leave every unit but the last with nothing to optimise
+        if not any(weights[name] for name in ("w_rec", "w_global", "w_local")):
             raise FastquantError("the loss weights w_rec, w_global and w_local are all zero: nothing to optimise")
-        if not finite(self.w_head) or self.w_head < 0:
-            raise FastquantError(f"loss weight w_head must be a non-negative number, got {self.w_head!r}")
         if self.global_rest not in GLOBAL_RESTS:
             raise FastquantError(f"global_rest must be one of {', '.join(GLOBAL_RESTS)}, got {self.global_rest!r}")
         if self.local_loss not in LOCAL_LOSSES:

@@ -178,5 +178,5 @@ def register_term(spec: TermSpec) -> TermSpec:
     return spec
 
 
-__all__ = ["StepBatch", "Term", "Reconstruction", "GlobalKL", "HeadKL", "LocalAlignment", "TermSpec", "TERMS", "register_term",
-           "Unit"]
+__all__ = ["StepBatch", "Term", "Reconstruction", "GlobalKL", "HeadKL", "LocalAlignment", "TermSpec", "TERMS",
+           "register_term", "kl_to_float", "Unit"]

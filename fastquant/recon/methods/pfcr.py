@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from ...adapters import Unit, find_vit, half_modules, half_name, splittable, unit_name
 from ...errors import FastquantError
-from ..registry import Option, ReconMethod, Stage, finite, is_int, register_method, register_option
+from ..registry import Option, ReconMethod, Stage, finite, is_int, option, register_method, register_option
 
 POS_MODES = ("weights_first", "acts_first")
 ANNEAL = ("unit", "levels")
@@ -70,6 +70,10 @@ register_option(Option("stop_at", None,
                        _check(lambda v: v is None or (is_int(v) and v >= 0),
                               "stop_at must be a non-negative integer or None, got {v!r}"),
                        "the last level (None: until one unit covers every block)"))
+
+
+# PFCR's options, declared above; the method's defaults are the declared ones.
+OPTIONS = ("pos", "pos_split", "pos_mode", "carry", "anneal", "merge", "stop_at")
 
 
 def pfcr_levels(model, merge: int = 2, stop_at: int | None = None) -> list[list[Unit]]:
@@ -138,8 +142,7 @@ PFCR = register_method(ReconMethod(
     # measured best at the cpu budget (module docstring); the paper's settings:
     # qdrop_p=0.5, pos=True, carry=0.5, anneal="unit"
     defaults={"qdrop_p": 0.0},
-    options={"pos": False, "pos_split": 0.5, "pos_mode": "weights_first", "carry": 1.0, "anneal": "levels", "merge": 2,
-             "stop_at": None},
+    options={name: option(name).default for name in OPTIONS},
     schedule=schedule,
     stages=stages,
     before_unit=carry_rounding,
