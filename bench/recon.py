@@ -62,6 +62,9 @@ VARIANTS = {
     "brecq-auto-it1000": ("brecq", ["--iters", "1000", "--recon-set", "lr_act=None"]),
     "pfcr-auto-it100": ("pfcr", ["--iters", "100", "--recon-set", "lr_act=None"] + PAPER + NODROP + CARRY1),
     "pfcr-auto-it1000": ("pfcr", ["--iters", "1000", "--recon-set", "lr_act=None"] + PAPER + NODROP + CARRY1),
+    # PFCR with today's defaults at 100 and 1,000 steps per unit (300: pfcr-lract).
+    "pfcr-auto-it100-defaults": ("pfcr", ["--iters", "100", "--recon-set", "lr_act=None"]),
+    "pfcr-auto-it1000-defaults": ("pfcr", ["--iters", "1000", "--recon-set", "lr_act=None"]),
     "qdrop-lract": ("qdrop", LRACT),
     "qdrop-lract-decay": ("qdrop", LRACT + DECAY),
     "mgrq-lract": ("mgrq", LRACT),
