@@ -65,6 +65,10 @@ VARIANTS = {
     # PFCR with today's defaults at 100 and 1,000 steps per unit (300: pfcr-lract).
     "pfcr-auto-it100-defaults": ("pfcr", ["--iters", "100", "--recon-set", "lr_act=None"]),
     "pfcr-auto-it1000-defaults": ("pfcr", ["--iters", "1000", "--recon-set", "lr_act=None"]),
+    # Linear inputs quantized per token at run time (dynamic steps) instead of one calibrated
+    # step per tensor: how much of the remaining error is the activations' granularity.
+    "brecq-lract-pertoken": ("brecq", LRACT + ["--per-token"]),
+    "pfcr-lract-pertoken": ("pfcr", LRACT + ["--per-token"]),
     "qdrop-lract": ("qdrop", LRACT),
     "qdrop-lract-decay": ("qdrop", LRACT + DECAY),
     "mgrq-lract": ("mgrq", LRACT),
