@@ -77,10 +77,13 @@ def main(argv=None):
     for path, run in runs:
         q = fastquant.load(run["out"]).eval()
         spec = fastquant.record_of(q).spec
-        key = (spec.name, spec.checkpoint, spec.img_size, run["data"])
+        data = run["data"]
+        if data.startswith("imagefolder:") and not Path(data[len("imagefolder:"):]).is_absolute():
+            data = "imagefolder:" + str(ROOT / data[len("imagefolder:"):])  # as bench/recon.py ran it
+        key = (spec.name, spec.checkpoint, spec.img_size, data)
         if key not in floats:
             model, dcfg, _ = load_model(spec.name, spec.checkpoint, spec.img_size)
-            floats[key] = (model.eval(), load_dataset(run["data"], "train", dcfg))
+            floats[key] = (model.eval(), load_dataset(data, "train", dcfg))
         model, train = floats[key]
         calib = calibration_indices(len(train), run["calib_size"], run["seed"])
         sets = {"calibration": calib[:args.images], "held-out": held_out(len(train), calib, args.images)}

@@ -69,6 +69,15 @@ VARIANTS = {
     # step per tensor: how much of the remaining error is the activations' granularity.
     "brecq-lract-pertoken": ("brecq", LRACT + ["--per-token"]),
     "pfcr-lract-pertoken": ("pfcr", LRACT + ["--per-token"]),
+    # The activation steps' MSE search also trying the zero points that keep each input's
+    # minimum (QuantConfig.zero_point_search, the default since these rows): the same commands
+    # as the rows without "-zp", which ran before it and are reproduced with --no-zero-point-search.
+    "brecq-lract-zp": ("brecq", LRACT),
+    "brecq-lract-zp-seed1": ("brecq", LRACT + ["--seed", "1"]),
+    "pfcr-lract-zp": ("pfcr", LRACT),
+    "pfcr-lract-zp-seed1": ("pfcr", LRACT + ["--seed", "1"]),
+    "qdrop-lract-zp": ("qdrop", LRACT),
+    "mgrq-zp": ("mgrq", []),
     "qdrop-lract": ("qdrop", LRACT),
     "qdrop-lract-decay": ("qdrop", LRACT + DECAY),
     "mgrq-lract": ("mgrq", LRACT),

@@ -5,9 +5,10 @@ otherwise), from the finished runs in bench/results/runs/ (bench/recon.py writes
 
 Rows (the activation steps' learning rate scaled with the steps, lr_act=None, or its value
 at 300 steps, 2.7e-3): brecq-auto-it100, brecq-lract (300), brecq-auto-it1000; PFCR with
-POS, without QDrop and with carry=1: pfcr-auto-it100, pfcr-lract-nodrop-carry1 (300),
-pfcr-auto-it1000; PFCR with today's defaults at 300: pfcr-lract-nopos-nodrop-anneal. A row not run yet
-is listed as missing and left out of the plot. Writes the PNG and a JSON beside it.
+today's defaults: pfcr-auto-it100-defaults, pfcr-lract-nopos-nodrop-anneal (300),
+pfcr-auto-it1000-defaults; PFCR with its earlier settings (POS, no QDrop, carry=1) at 100
+and 300: pfcr-auto-it100, pfcr-lract-nodrop-carry1. A row not run yet is listed as missing
+and left out of the plot. Writes the PNG and a JSON beside it.
 """
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "bench" / "results" / "runs"
 SERIES = {
     "brecq": {100: "brecq-auto-it100", 300: "brecq-lract", 1000: "brecq-auto-it1000"},
-    "pfcr (POS, no QDrop, carry=1)": {100: "pfcr-auto-it100", 300: "pfcr-lract-nodrop-carry1",
-                                      1000: "pfcr-auto-it1000"},
-    "pfcr (today's defaults: no POS, anneal=levels)": {300: "pfcr-lract-nopos-nodrop-anneal"},
+    "pfcr (defaults)": {100: "pfcr-auto-it100-defaults", 300: "pfcr-lract-nopos-nodrop-anneal",
+                        1000: "pfcr-auto-it1000-defaults"},
+    "pfcr (earlier settings: POS, carry=1)": {100: "pfcr-auto-it100", 300: "pfcr-lract-nodrop-carry1"},
 }
 
 

@@ -70,6 +70,9 @@ class QuantConfig:
     # (a_c, w_c: the channel's input and weight-column absolute maxima) and the weight column
     # multiplied by it (SmoothQuant's migration, Xiao et al., arXiv 2211.10438); 0: off.
     fc2_smooth: float | None = None
+    # The MSE search of activation steps also tries, at each step, the zero points that keep
+    # the observed minimum in range (fastquant.quant.uniform.MSE_RATIOS explains why).
+    zero_point_search: bool | None = None
     per_token: bool = False  # dynamic per-token activation scales instead of calibrated per-tensor
     qk_per_head: bool = True
     patch_embed_a_bits: int = 8
@@ -85,7 +88,7 @@ class QuantConfig:
         for name in ("per_token", "qk_per_head"):
             if not isinstance(getattr(self, name), bool):
                 raise FastquantError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        for name in ("reparam", "output_aware", "bias_correct"):
+        for name in ("reparam", "output_aware", "bias_correct", "zero_point_search"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise FastquantError(f"{name} must be True, False or None (the method's default), "
                                      f"got {getattr(self, name)!r}")
@@ -117,7 +120,7 @@ class QuantConfig:
 
     def resolved(self, key: str):
         """The value of a method-dependent field (calib, softmax, reparam, output_aware,
-        bias_correct, weight_rounding, fc2_smooth) after the method's defaults are applied."""
+        bias_correct, weight_rounding, fc2_smooth, zero_point_search) after the method's defaults are applied."""
         value = getattr(self, key)
         if value is None:
             value = method_defaults(self.method)[key]

@@ -172,12 +172,14 @@ def read_metadata(path: str | os.PathLike) -> dict:
 def read_config(path: Path, meta: dict) -> tuple:
     """(QuantConfig, ModelSpec) from a saved model's metadata, or FastquantError naming the file.
     A config saved before a field existed gets the value that reproduces the model it was
-    saved with (``fc2_smooth``: 0, off)."""
+    saved with (``fc2_smooth``: 0, off; ``zero_point_search``: off)."""
     try:
         config = meta["config"]
         data = json.loads(config) if isinstance(config, str) else None
-        if isinstance(data, dict) and "fc2_smooth" not in data:
-            config = json.dumps({**data, "fc2_smooth": 0.0})
+        if isinstance(data, dict):
+            missing = {k: v for k, v in (("fc2_smooth", 0.0), ("zero_point_search", False)) if k not in data}
+            if missing:
+                config = json.dumps({**data, **missing})
         return QuantConfig.from_json(config), ModelSpec.from_json(meta["model"])
     except FastquantError as exc:
         raise FastquantError(f"{path} has corrupted metadata ({exc})") from None

@@ -50,8 +50,8 @@ def saved(tiny, tiny_data, tmp_path_factory):
 
 # -- configs ---------------------------------------------------------------------------------------
 QUANT_FIELDS = ["method", "w_bits", "a_bits", "patch_embed_a_bits", "head_a_bits", "calib", "softmax", "reparam",
-                "output_aware", "bias_correct", "weight_rounding", "fc2_smooth", "per_token", "qk_per_head",
-                "calib_batch_size", "percentile"]
+                "output_aware", "bias_correct", "weight_rounding", "fc2_smooth", "zero_point_search", "per_token",
+                "qk_per_head", "calib_batch_size", "percentile"]
 
 
 @settings(max_examples=300, **SETTINGS)

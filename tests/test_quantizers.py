@@ -134,3 +134,49 @@ def test_nan_in_observation():
     q.start_observing()
     with pytest.raises(FastquantError, match="NaN or Inf"):
         q(torch.tensor([1.0, float("nan")]))
+
+
+def test_zero_point_search_keeps_the_negative_side_of_a_gelu_output():
+    """A post-GELU input: most values in [-0.17, 2], a few outliers at 8. Scaling both ends of
+    the range alike rounds the zero point to 0 and clips every negative value (an error of
+    one sign); with keep_min the search finds a zero point that keeps them, at a lower error."""
+    torch.manual_seed(0)
+    x = torch.nn.functional.gelu(torch.randn(4096, 64) * 0.8)
+    x[:8, 0] = 8.0
+    plain = calibrated(UniformQuantizer(4, method="mse"), x)
+    kept = calibrated(UniformQuantizer(4, method="mse", keep_min=True), x)
+    assert plain.zero_point.item() == 0 and kept.zero_point.item() >= 1
+    err_plain, err_kept = (plain(x) - x), (kept(x) - x)
+    assert err_kept.pow(2).mean() < 0.5 * err_plain.pow(2).mean()
+    assert err_kept.mean().abs() < 0.2 * err_plain.mean().abs()  # the one-signed part
+    # A range that is all positive, or a search that is not MSE, is unchanged by it.
+    y = x.clamp_min(0) + 0.5
+    assert torch.equal(calibrated(UniformQuantizer(4, method="mse"), y).zero_point,
+                       calibrated(UniformQuantizer(4, method="mse", keep_min=True), y).zero_point)
+    for method in ("minmax", "percentile"):
+        a = calibrated(UniformQuantizer(4, method=method), x)
+        b = calibrated(UniformQuantizer(4, method=method, keep_min=True), x)
+        assert torch.equal(a.scale, b.scale) and torch.equal(a.zero_point, b.zero_point)
+
+
+def test_zero_point_search_defaults():
+    """repq and the reconstruction methods search the zero point; rtn (min/max) has no search;
+    weights never use it (only activation quantizers get keep_min)."""
+    import fastquant
+
+    assert fastquant.QuantConfig(method="repq").resolved("zero_point_search") is True
+    assert fastquant.QuantConfig(method="brecq").resolved("zero_point_search") is True
+    assert fastquant.QuantConfig(method="rtn").resolved("zero_point_search") is False
+    assert fastquant.QuantConfig(method="pfcr", zero_point_search=False).resolved("zero_point_search") is False
+    with pytest.raises(FastquantError, match="zero_point_search must be True, False or None"):
+        fastquant.QuantConfig(zero_point_search=1)
+
+
+def test_only_activation_quantizers_search_the_zero_point(tiny, tiny_data):
+    import fastquant
+
+    model, _, _ = tiny
+    q = fastquant.quantize(model, tiny_data[0][:16], fastquant.QuantConfig(method="repq", w_bits=4, a_bits=4),
+                           progress=False)
+    uniform = {n: m for n, m in q.named_modules() if isinstance(m, UniformQuantizer)}
+    assert uniform and all(m.keep_min == (not n.endswith("weight_quant")) for n, m in uniform.items())

@@ -69,7 +69,8 @@ def test_save_load_and_deploy(smoothed, tmp_path):
 
 
 def test_files_from_before_the_field_load_unsmoothed(tiny, tiny_data, tmp_path):
-    """A config saved without fc2_smooth means no smoothing, whatever the method's default."""
+    """A config saved without fc2_smooth (or zero_point_search) means no smoothing (and the
+    plain search), whatever the method's default."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -80,12 +81,13 @@ def test_files_from_before_the_field_load_unsmoothed(tiny, tiny_data, tmp_path):
     with safe_open(str(tmp_path / "new.safetensors"), framework="pt") as f:
         meta = dict(f.metadata())
     cfg = json.loads(meta["config"])
-    del cfg["fc2_smooth"]
+    del cfg["fc2_smooth"], cfg["zero_point_search"]
     meta["config"] = json.dumps(cfg)
     del meta["sha256"]  # files from before the field had no checksums either
     save_file(load_file(str(tmp_path / "new.safetensors")), str(tmp_path / "old.safetensors"), metadata=meta)
     old = fastquant.load(tmp_path / "old.safetensors")
     assert fastquant.record_of(old).config.fc2_smooth == 0.0
+    assert fastquant.record_of(old).config.zero_point_search is False
     x, _ = tiny_data[1].batch(range(8))
     with torch.no_grad():
         assert torch.equal(old(x), q(x))

@@ -49,7 +49,8 @@ def reparameterize(ln: nn.LayerNorm, consumers: list) -> tuple[torch.Tensor, tor
         lin.bias.copy_((lin.bias.double() - w @ c_shift).to(lin.bias.dtype))
         lin.weight.copy_((w * c_r1[None, :]).to(lin.weight.dtype))
         old = lin.input_quant
-        new = UniformQuantizer(old.bits, (), method=old.method, percentile=old.percentile).to(s.device)
+        new = UniformQuantizer(old.bits, (), method=old.method, percentile=old.percentile,
+                               keep_min=old.keep_min).to(s.device)
         new.set_qparams(s_t.float(), z_t.float())
         new.mode = old.mode
         lin.input_quant = new

@@ -13,15 +13,16 @@ from typing import Optional
 SOFTMAX_QUANTIZERS = ("log2", "log_sqrt2", "uniform", "auto")
 WEIGHT_ROUNDING = ("nearest", "gptq")
 # The method-dependent fields of QuantConfig.
-CALIB_FIELDS = ("calib", "softmax", "reparam", "output_aware", "bias_correct", "weight_rounding", "fc2_smooth")
+CALIB_FIELDS = ("calib", "softmax", "reparam", "output_aware", "bias_correct", "weight_rounding", "fc2_smooth",
+                "zero_point_search")
 PRESETS = {
     "rtn": dict(calib="minmax", softmax="log2", reparam=False, output_aware=False, bias_correct=False,
-                weight_rounding="nearest", fc2_smooth=0.0),
+                weight_rounding="nearest", fc2_smooth=0.0, zero_point_search=False),
     # fc2_smooth 1.0: measured on dinov2-s14-fmnist (first 2,000 test images) against 0.0:
     # W8A8 89.40 / 88.80, W6A6 86.80 / 86.75, W4A8 83.90 / 83.95, W4A4 66.90 / 49.50,
     # W3A3 23.95 / 18.85 (bench/results/runs/dinov2-s14-fmnist_repq-smooth_*.json).
     "repq": dict(calib="mse", softmax="auto", reparam=True, output_aware=True, bias_correct=True,
-                 weight_rounding="gptq", fc2_smooth=1.0),
+                 weight_rounding="gptq", fc2_smooth=1.0, zero_point_search=True),
 }
 
 
@@ -46,6 +47,7 @@ class CalibSpec:
     bias_correct: bool
     weight_rounding: str
     fc2_smooth: float = 0.0
+    zero_point_search: bool = False
     per_token: bool = False
     qk_per_head: bool = True
     patch_embed_a_bits: int = 8

@@ -23,7 +23,7 @@ from .spec import CalibSpec
 # -- quantizer factory -----------------------------------------------------------------
 def _act(cfg: CalibSpec, bits: int, shape=()) -> UniformQuantizer:
     return UniformQuantizer(bits, shape, method=cfg.calib, per_token=cfg.per_token and shape == (),
-                            percentile=cfg.percentile)
+                            percentile=cfg.percentile, keep_min=cfg.zero_point_search)
 
 
 def _weight(cfg: CalibSpec, bits: int, weight: torch.Tensor) -> UniformQuantizer:
