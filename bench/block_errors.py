@@ -10,8 +10,9 @@ difference of the quantized model's block output from the float model's (both fe
 images, each its own earlier blocks) over the variance of the float output. The residual
 stream's scale grows by 20x in the last block of DINOv2 ViT-S/14, so absolute errors (a run's
 ``recon_units``) make the last block look like the one that fails. "held-out" images are
-training images outside the calibration set. Also the share of images whose predicted class
-matches the float model's. Prints a Markdown table; writes
+training images outside the calibration set. In brackets, the error of the float block fed
+the quantized model's input: the part a block inherits from the blocks before it. Also the
+share of images whose predicted class matches the float model's (rough: 128 images). Prints a Markdown table; writes
 bench/results/block_errors_<name>.json (with the machine and commit).
 """
 from __future__ import annotations
@@ -37,16 +38,21 @@ def held_out(n_total: int, calib: list[int], n: int) -> list[int]:
 
 
 def block_outputs(model, blocks, x: torch.Tensor):
-    """Every block's output and the logits of ``model`` on ``x``."""
-    outs = []
-    hooks = [b.register_forward_hook(lambda m, i, o: outs.append(o.detach())) for b in blocks]
+    """Every block's input and output, and the logits of ``model`` on ``x``."""
+    ins, outs = [], []
+
+    def keep(m, i, o):
+        ins.append(i[0].detach())
+        outs.append(o.detach())
+
+    hooks = [b.register_forward_hook(keep) for b in blocks]
     try:
         with torch.no_grad():
             logits = model(x)
     finally:
         for h in hooks:
             h.remove()
-    return outs, logits
+    return ins, outs, logits
 
 
 def main(argv=None):
@@ -91,15 +97,21 @@ def main(argv=None):
         t = time.time()
         for label, idx in sets.items():
             x = stack(train, idx)[0]
-            f_out, f_logits = block_outputs(model, find_vit(model).blocks, x)
-            q_out, q_logits = block_outputs(q, find_vit(q).blocks, x)
+            f_blocks = find_vit(model).blocks
+            _, f_out, f_logits = block_outputs(model, f_blocks, x)
+            q_in, q_out, q_logits = block_outputs(q, find_vit(q).blocks, x)
             rel = [round(((a - b).pow(2).mean() / b.var()).item(), 5) for a, b in zip(q_out, f_out)]
+            with torch.no_grad():  # the float block on the quantized model's input: what it inherits
+                inherited = [round(((blk(i) - b).pow(2).mean() / b.var()).item(), 5)
+                             for blk, i, b in zip(f_blocks, q_in, f_out)]
             same = (q_logits.argmax(1) == f_logits.argmax(1)).float().mean().item()
             if not rows and not row["sets"]:
                 print("| run | images | " + " | ".join(f"block {i}" for i in range(len(rel)))
                       + " | same class as float |\n" + "|---" * (len(rel) + 3) + "|")
-            row["sets"][label] = {"images": len(idx), "relative_mse": rel, "same_class": round(100 * same, 2)}
-            print(f"| {path.stem} | {label} | " + " | ".join(f"{100 * r:.1f}%" for r in rel)
+            row["sets"][label] = {"images": len(idx), "relative_mse": rel, "inherited_relative_mse": inherited,
+                                  "same_class": round(100 * same, 2)}
+            print(f"| {path.stem} | {label} | " + " | ".join(f"{100 * r:.1f}% ({100 * h:.1f}%)"
+                                                           for r, h in zip(rel, inherited))
                   + f" | {100 * same:.1f} |", flush=True)
         row["seconds"] = round(time.time() - t, 1)
         rows.append(row)
