@@ -72,6 +72,7 @@ VARIANTS = {
     # The activation steps' MSE search also trying the zero points that keep each input's
     # minimum (QuantConfig.zero_point_search, the default since these rows): the same commands
     # as the rows without "-zp", which ran before it and are reproduced with --no-zero-point-search.
+    "repq-smooth-zp": ("repq", SMOOTH),
     "brecq-lract-zp": ("brecq", LRACT),
     "brecq-lract-zp-seed1": ("brecq", LRACT + ["--seed", "1"]),
     "pfcr-lract-zp": ("pfcr", LRACT),
