@@ -12,8 +12,9 @@ stream's scale grows by 20x in the last block of DINOv2 ViT-S/14, so absolute er
 ``recon_units``) make the last block look like the one that fails. "held-out" images are
 training images outside the calibration set. In brackets, the error of the float block fed
 the quantized model's input: the part a block inherits from the blocks before it. Also the
-share of images whose predicted class matches the float model's (rough: 128 images). Prints a Markdown table; writes
-bench/results/block_errors_<name>.json (with the machine and commit).
+share of images whose predicted class matches the float model's (rough: 128 images).
+Prints a Markdown table; writes bench/results/block_errors_<name>.json (with the machine and
+commit).
 """
 from __future__ import annotations
 
@@ -89,16 +90,18 @@ def main(argv=None):
         key = (spec.name, spec.checkpoint, spec.img_size, data)
         if key not in floats:
             model, dcfg, _ = load_model(spec.name, spec.checkpoint, spec.img_size)
-            floats[key] = (model.eval(), load_dataset(data, "train", dcfg))
-        model, train = floats[key]
+            floats[key] = (model.eval(), load_dataset(data, "train", dcfg), {})
+        model, train, float_runs = floats[key]  # float_runs: the float model's pass per image set
         calib = calibration_indices(len(train), run["calib_size"], run["seed"])
         sets = {"calibration": calib[:args.images], "held-out": held_out(len(train), calib, args.images)}
         row = {"run": path.stem, "model": str(run["out"]), "q_top1": run.get("q_top1"), "sets": {}}
         t = time.time()
         for label, idx in sets.items():
-            x = stack(train, idx)[0]
             f_blocks = find_vit(model).blocks
-            _, f_out, f_logits = block_outputs(model, f_blocks, x)
+            if tuple(idx) not in float_runs:  # runs of one seed share their calibration images
+                x = stack(train, idx)[0]
+                float_runs[tuple(idx)] = (x, *block_outputs(model, f_blocks, x)[1:])
+            x, f_out, f_logits = float_runs[tuple(idx)]
             q_in, q_out, q_logits = block_outputs(q, find_vit(q).blocks, x)
             rel = [round(((a - b).pow(2).mean() / b.var()).item(), 5) for a, b in zip(q_out, f_out)]
             with torch.no_grad():  # the float block on the quantized model's input: what it inherits

@@ -160,8 +160,7 @@ def test_zero_point_search_keeps_the_negative_side_of_a_gelu_output():
 
 
 def test_zero_point_search_defaults():
-    """repq and the reconstruction methods search the zero point; rtn (min/max) has no search;
-    weights never use it (only activation quantizers get keep_min)."""
+    """repq and the reconstruction methods search the zero point; rtn (min/max) has no search."""
     import fastquant
 
     assert fastquant.QuantConfig(method="repq").resolved("zero_point_search") is True
@@ -173,6 +172,7 @@ def test_zero_point_search_defaults():
 
 
 def test_only_activation_quantizers_search_the_zero_point(tiny, tiny_data):
+    """Weights keep the plain search: only activation quantizers get keep_min."""
     import fastquant
 
     model, _, _ = tiny
