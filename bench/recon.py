@@ -79,6 +79,16 @@ VARIANTS = {
     "pfcr-lract-zp-seed1": ("pfcr", LRACT + ["--seed", "1"]),
     "qdrop-lract-zp": ("qdrop", LRACT),
     "mgrq-zp": ("mgrq", []),
+    # The patch embedding and the classifier rounded with GPTQ (QuantConfig.edge_rounding, the
+    # default since these rows; --edge-rounding nearest reproduces the "-zp" rows above).
+    "repq-smooth-edge": ("repq", SMOOTH),
+    "brecq-lract-edge": ("brecq", LRACT),
+    "brecq-lract-edge-seed1": ("brecq", LRACT + ["--seed", "1"]),
+    "qdrop-lract-edge": ("qdrop", LRACT),
+    "qdrop-lract-edge-seed1": ("qdrop", LRACT + ["--seed", "1"]),
+    "pfcr-lract-edge": ("pfcr", LRACT),
+    "pfcr-lract-edge-seed1": ("pfcr", LRACT + ["--seed", "1"]),
+    "mgrq-edge": ("mgrq", []),
     "qdrop-lract": ("qdrop", LRACT),
     "qdrop-lract-decay": ("qdrop", LRACT + DECAY),
     "mgrq-lract": ("mgrq", LRACT),

@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-zero-point-search", action="store_true",
                    help="activation steps' MSE search without the zero points that keep the observed minimum "
                         "(the search before that option existed; rtn does not search)")
+    q.add_argument("--edge-rounding", choices=("nearest", "gptq"),
+                   help="rounding of the patch embedding's and the classifier's weights, which no reconstruction "
+                        "unit learns (default: the method's, gptq except for rtn)")
     q.add_argument("--deploy", choices=("cpu", "cuda", "triton", "torch"),
                    help="also convert to integer layers with this backend (cpu: the fused int8 kernels of the CPU "
                         "extension; triton: Triton kernels on a GPU; cuda: the CUDA C++ extension on a GPU; torch: "
@@ -212,7 +215,8 @@ def cmd_quantize(args) -> dict:
 
     t0 = time.time()
     cfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, method=args.method, per_token=args.per_token,
-                      fc2_smooth=args.fc2_smooth, zero_point_search=False if args.no_zero_point_search else None)
+                      fc2_smooth=args.fc2_smooth, zero_point_search=False if args.no_zero_point_search else None,
+                      edge_rounding=args.edge_rounding)
     reconstructs = cfg.reconstructs
     given = [flag for flag, on in (("--budget", args.budget), ("--iters", args.iters), ("--no-pos", args.no_pos),
                                    ("--recon-set", args.recon_set),

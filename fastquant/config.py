@@ -73,6 +73,10 @@ class QuantConfig:
     # The MSE search of activation steps also tries, at each step, the zero points that keep
     # the observed minimum in range (fastquant.quant.uniform.MSE_RATIOS explains why).
     zero_point_search: bool | None = None
+    # The rounding of the weights outside the transformer blocks, which no reconstruction
+    # unit learns: the convolutions (a ViT's patch embedding) and the classifier head.
+    # "nearest" or "gptq" (with a convolution's input patches as GPTQ's inputs).
+    edge_rounding: str | None = None
     per_token: bool = False  # dynamic per-token activation scales instead of calibrated per-tensor
     qk_per_head: bool = True
     patch_embed_a_bits: int = 8
@@ -92,7 +96,7 @@ class QuantConfig:
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise FastquantError(f"{name} must be True, False or None (the method's default), "
                                      f"got {getattr(self, name)!r}")
-        for name in ("calib", "softmax", "weight_rounding"):
+        for name in ("calib", "softmax", "weight_rounding", "edge_rounding"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise FastquantError(f"{name} must be a name or None (the method's default), got {getattr(self, name)!r}")
         sm = self.fc2_smooth
@@ -111,6 +115,8 @@ class QuantConfig:
             raise FastquantError(f"unknown softmax quantizer {self.softmax!r} (choose from {', '.join(SOFTMAX_QUANTIZERS)})")
         if self.weight_rounding is not None and self.weight_rounding not in WEIGHT_ROUNDING:
             raise FastquantError(f"unknown weight rounding {self.weight_rounding!r} (choose from {', '.join(WEIGHT_ROUNDING)})")
+        if self.edge_rounding is not None and self.edge_rounding not in WEIGHT_ROUNDING:
+            raise FastquantError(f"unknown edge rounding {self.edge_rounding!r} (choose from {', '.join(WEIGHT_ROUNDING)})")
         if (isinstance(self.calib_batch_size, bool) or not isinstance(self.calib_batch_size, int)
                 or self.calib_batch_size < 1):
             raise FastquantError(f"calib_batch_size must be a positive integer, got {self.calib_batch_size!r}")
@@ -120,7 +126,8 @@ class QuantConfig:
 
     def resolved(self, key: str):
         """The value of a method-dependent field (calib, softmax, reparam, output_aware,
-        bias_correct, weight_rounding, fc2_smooth, zero_point_search) after the method's defaults are applied."""
+        bias_correct, weight_rounding, fc2_smooth, zero_point_search, edge_rounding) after the method's
+        defaults are applied."""
         value = getattr(self, key)
         if value is None:
             value = method_defaults(self.method)[key]

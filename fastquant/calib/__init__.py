@@ -6,13 +6,13 @@
 
 ``spec`` is a :class:`CalibSpec`, everything decided; ``fastquant.QuantConfig`` makes one.
 """
-from .calibrate import calibrate, weight_quantizers
+from .calibrate import calibrate, edge_layers, weight_quantizers
 from .gptq import gptq_round, round_to_grid
 from .observe import InputStats, error_weight_hooks, linear_input_stats
 from .reparam import reparameterize
 from .spec import CALIB_FIELDS, PRESETS, SOFTMAX_QUANTIZERS, WEIGHT_ROUNDING, CalibSpec, auto_softmax
 from .swap import Plan, plan_for, prepare, swap_modules
 
-__all__ = ["calibrate", "weight_quantizers", "gptq_round", "round_to_grid", "InputStats", "error_weight_hooks",
+__all__ = ["calibrate", "edge_layers", "weight_quantizers", "gptq_round", "round_to_grid", "InputStats", "error_weight_hooks",
            "linear_input_stats", "reparameterize", "CALIB_FIELDS", "PRESETS", "SOFTMAX_QUANTIZERS", "WEIGHT_ROUNDING",
            "CalibSpec", "auto_softmax", "Plan", "plan_for", "prepare", "swap_modules"]

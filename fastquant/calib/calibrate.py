@@ -8,13 +8,23 @@ from tqdm import tqdm
 from ..nn import QuantConv2d, QuantLinear
 from ..quant import quantizers_in, set_mode
 from .gptq import gptq_round
-from .observe import error_weight_hooks, forward_with_input_hooks, linear_input_stats
+from .observe import conv_input_stats, error_weight_hooks, forward_with_input_hooks, linear_input_stats
 from .reparam import reparameterize
 from .spec import CalibSpec
 
 
 def weight_quantizers(model: nn.Module) -> set:
     return {m.weight_quant for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d))}
+
+
+def edge_layers(model: nn.Module) -> set:
+    """The quantized layers outside the transformer blocks, whose weights ``edge_rounding``
+    rounds: every convolution (a ViT's patch embedding) and the classifier (the swapped
+    model's ``get_classifier()``, else its ``head``)."""
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else getattr(model, "head", None)
+    edges = {m for m in model.modules() if isinstance(m, QuantConv2d)}
+    return edges | ({head} if isinstance(head, QuantLinear) else set())
 
 
 @torch.no_grad()
@@ -61,7 +71,10 @@ def calibrate(model: nn.Module, batches: list, cfg: CalibSpec, ln_groups: dict, 
        mean square (weights the weight-range search), the means of x and Qa(x) (bias
        correction) and, for ``weight_rounding="gptq"``, the input's second-moment matrix.
     4. Weights get their per-channel ranges and are rounded (to nearest, or with GPTQ
-       error compensation); then biases are corrected.
+       error compensation: ``weight_rounding`` for the layers in the blocks,
+       ``edge_rounding`` for the convolutions and the classifier, :func:`edge_layers`; a
+       convolution's GPTQ uses the second moment of its input patches); then biases are
+       corrected.
     """
     wqs = weight_quantizers(model)
     acts = [q for q in quantizers_in(model) if q not in wqs]
@@ -94,18 +107,26 @@ def calibrate(model: nn.Module, batches: list, cfg: CalibSpec, ln_groups: dict, 
         err = (after - before).abs().max().item() / max(before.abs().max().item(), 1e-6)
         if err > 1e-3:
             raise RuntimeError(f"reparameterisation changed the float model's output (relative error {err:.2e})")
-    gptq = cfg.weight_rounding == "gptq"
+    edges = edge_layers(model)
+    gptq_layers = {m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d))
+                   and (cfg.edge_rounding if m in edges else cfg.weight_rounding) == "gptq"}
     bias_correct = cfg.bias_correct
     # The input statistics feed the MSE weight search, GPTQ and bias correction; rtn needs none.
-    needs_stats = gptq or bias_correct or cfg.calib == "mse"
-    stats = linear_input_stats(model, batches, covariance=gptq, progress=progress) if needs_stats else {}
+    needs_stats = bool(gptq_layers) or bias_correct or cfg.calib == "mse"
+    stats = linear_input_stats(model, batches, covariance=gptq_layers, progress=progress) if needs_stats else {}
+    gptq_convs = [m for m in gptq_layers if isinstance(m, QuantConv2d)]
+    patch_stats = conv_input_stats(model, gptq_convs, batches, progress=progress) if gptq_convs else {}
     for m in model.modules():
         if isinstance(m, QuantConv2d):
             m.weight_quant.calibrate_tensor(m.weight)
+            if m in patch_stats:
+                w = m.weight.reshape(m.out_channels, -1)
+                m.weight.copy_(gptq_round(w, m.weight_quant, patch_stats[m].second_moment()).reshape_as(m.weight))
         if not isinstance(m, QuantLinear):
             continue
         st = stats.get(m)
         m.weight_quant.calibrate_tensor(m.weight, None if st is None else st.mean_square().float().to(m.weight.device))
+        gptq = m in gptq_layers
         original = m.weight.detach().clone() if gptq else m.weight.detach()
         if gptq and st is not None:
             m.weight.copy_(gptq_round(m.weight, m.weight_quant, st.second_moment()))

@@ -1,12 +1,14 @@
 """What calibration measures on the float model: downstream error weights of activation
-quantizers, and every Linear layer's input statistics."""
+quantizers, every Linear layer's input statistics, and the second moments of convolution
+patches (for GPTQ on a patch embedding)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..nn import QuantLinear, QuantMatMul
+from ..nn import QuantConv2d, QuantLinear, QuantMatMul
 from ..quant import quantizers_in, set_mode
 
 
@@ -83,10 +85,13 @@ def forward_with_input_hooks(model: nn.Module, layers: list, hook, batches: list
 
 
 @torch.no_grad()
-def linear_input_stats(model: nn.Module, batches: list, covariance: bool, progress: bool = True) -> dict:
-    """One float pass (all quantizers off) recording every QuantLinear's input statistics."""
+def linear_input_stats(model: nn.Module, batches: list, covariance, progress: bool = True) -> dict:
+    """One float pass (all quantizers off) recording every QuantLinear's input statistics;
+    ``covariance``: whether to record second-moment matrices too (for GPTQ): True or False
+    for every layer, or the set of layers that need them."""
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    stats = {m: InputStats(m.in_features, covariance) for m in layers}
+    wants = (lambda m: m in covariance) if isinstance(covariance, (set, frozenset)) else (lambda m: bool(covariance))
+    stats = {m: InputStats(m.in_features, wants(m)) for m in layers}
 
     def hook(mod, inp):
         x = mod.prepare_input(inp[0].detach())
@@ -103,3 +108,27 @@ def linear_input_stats(model: nn.Module, batches: list, covariance: bool, progre
     return {m: st for m, st in stats.items() if st.n > 0}
 
 
+
+
+def conv_patches(conv: QuantConv2d, x: torch.Tensor) -> torch.Tensor:
+    """The input patches a convolution's weight [O, C, kh, kw] multiplies, as rows
+    [N * L, C * kh * kw] in the order of ``weight.reshape(O, -1)``'s columns."""
+    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+@torch.no_grad()
+def conv_input_stats(model: nn.Module, convs: list, batches: list, progress: bool = True) -> dict:
+    """One float pass (all quantizers off) recording the second moment of each convolution's
+    input patches (:func:`conv_patches`), for GPTQ: {conv: InputStats with covariance}.
+    Grouped convolutions are left out (their weight does not multiply whole patches)."""
+    convs = [m for m in convs if m.groups == 1]
+    stats = {m: InputStats(m.in_channels * m.kernel_size[0] * m.kernel_size[1], True) for m in convs}
+
+    def hook(mod, inp):
+        rows = conv_patches(mod, inp[0].detach())
+        stats[mod].add(rows, rows)
+
+    set_mode(quantizers_in(model), "off")
+    forward_with_input_hooks(model, convs, hook, batches, "patch statistics", progress)
+    return {m: st for m, st in stats.items() if st.n > 0}
