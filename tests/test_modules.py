@@ -211,3 +211,54 @@ def test_gptq_rounding_lowers_the_output_error():
     assert not torch.equal(opt, near)
     err = lambda q: (x @ (q - w).t()).pow(2).mean()
     assert err(opt) < 0.7 * err(near)
+
+
+def test_conv_patches_are_what_the_weight_multiplies():
+    """A convolution's output is its input patches times the flattened weight, so GPTQ can
+    treat the patch embedding as a Linear over patches."""
+    from fastquant.calib.observe import conv_patches
+
+    model = small_vit()
+    q = fastquant.quantize(model, torch.randn(4, 3, 32, 32), fastquant.QuantConfig(w_bits=8, a_bits=8, method="rtn"),
+                           progress=False)
+    conv = q.patch_embed.proj
+    x = torch.randn(2, 3, 32, 32)
+    rows = conv_patches(conv, x)
+    ref = F.conv2d(x, conv.weight, None, conv.stride, conv.padding)  # [N, O, h, w]
+    got = (rows @ conv.weight.reshape(conv.out_channels, -1).t()).reshape(2, -1, conv.out_channels)
+    assert torch.allclose(got, ref.flatten(2).transpose(1, 2), atol=1e-5)
+
+
+def test_edge_rounding_gptq_lowers_the_patch_embedding_error():
+    """edge_rounding="gptq" rounds the patch embedding (and the classifier) with GPTQ while
+    the blocks keep round-to-nearest: the embedding's weights stay on their grid, its output
+    error on the calibration images falls below nearest rounding's, and the blocks' weights
+    are the same float weights as with nearest edge rounding."""
+    from fastquant.calib import edge_layers
+
+    model = small_vit()
+    g = torch.Generator().manual_seed(0)
+    # Smooth, correlated images (as real ones are): upsampled low-resolution noise.
+    x = F.interpolate(torch.randn(32, 3, 8, 8, generator=g), size=32, mode="bilinear", align_corners=False)
+    cfg = dict(w_bits=4, a_bits=8, method="repq", weight_rounding="nearest", bias_correct=False)
+    near = fastquant.quantize(model, x, fastquant.QuantConfig(edge_rounding="nearest", **cfg), progress=False)
+    gptq = fastquant.quantize(model, x, fastquant.QuantConfig(**cfg), progress=False)
+    assert fastquant.record_of(gptq).config.resolved("edge_rounding") == "gptq"
+    assert edge_layers(gptq) == {gptq.patch_embed.proj, gptq.head}
+    conv = gptq.patch_embed.proj
+    assert torch.equal(conv.weight_quant(conv.weight), conv.weight)  # on the grid
+    assert not torch.equal(conv.weight, near.patch_embed.proj.weight)
+    assert not torch.equal(gptq.head.weight, near.head.weight)
+    assert torch.equal(gptq.blocks[0].mlp.fc1.weight, near.blocks[0].mlp.fc1.weight)
+    fconv = model.patch_embed.proj
+    with torch.no_grad():
+        ref = fconv(x)
+        err = lambda q: float((q.patch_embed.proj(x) - ref).pow(2).mean())
+        assert err(gptq) < 0.7 * err(near)
+
+
+def test_edge_rounding_is_checked():
+    with pytest.raises(fastquant.FastquantError, match="unknown edge rounding 'best'"):
+        fastquant.QuantConfig(edge_rounding="best")
+    assert fastquant.QuantConfig(method="rtn").resolved("edge_rounding") == "nearest"
+    assert fastquant.QuantConfig(method="pfcr").resolved("edge_rounding") == "gptq"

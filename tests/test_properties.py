@@ -50,7 +50,8 @@ def saved(tiny, tiny_data, tmp_path_factory):
 
 # -- configs ---------------------------------------------------------------------------------------
 QUANT_FIELDS = ["method", "w_bits", "a_bits", "patch_embed_a_bits", "head_a_bits", "calib", "softmax", "reparam",
-                "output_aware", "bias_correct", "weight_rounding", "fc2_smooth", "zero_point_search", "per_token",
+                "output_aware", "bias_correct", "weight_rounding", "fc2_smooth", "zero_point_search", "edge_rounding",
+                "per_token",
                 "qk_per_head", "calib_batch_size", "percentile"]
 
 
