@@ -99,7 +99,10 @@ def test_reparam_is_exact_in_float_and_per_tensor_after():
     x = torch.randn(8, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)
-    cfg = fastquant.QuantConfig(w_bits=8, a_bits=4, method="repq", bias_correct=False, weight_rounding="nearest")
+    # Nearest rounding everywhere keeps the float weights, so with the quantizers off the
+    # model is the float one.
+    cfg = fastquant.QuantConfig(w_bits=8, a_bits=4, method="repq", bias_correct=False, weight_rounding="nearest",
+                                edge_rounding="nearest")
     q = fastquant.quantize(model, x, cfg, progress=False)
     # qkv and fc1 take LayerNorm outputs: the LayerNorms were rewritten and their
     # input quantizers ended per tensor.
@@ -154,7 +157,8 @@ def test_probe_head_reparam_through_token_pooling():
     with torch.no_grad():
         ref = model(x)
     q = fastquant.quantize(model, x, fastquant.QuantConfig(w_bits=8, a_bits=8, method="repq", bias_correct=False,
-                                                           weight_rounding="nearest"), progress=False)
+                                                           weight_rounding="nearest", edge_rounding="nearest"),
+                           progress=False)
     assert q.head.input_quant.scale.dim() == 0
     assert not torch.equal(q.backbone.norm.weight, model.backbone.norm.weight)
     set_mode(quantizers_in(q), "off")
@@ -169,9 +173,10 @@ def test_bias_correction_removes_the_mean_output_shift():
     x = torch.randn(8, 3, 32, 32)
     # Nearest rounding keeps the float weights, so both copies see the same float inputs.
     plain = fastquant.quantize(model, x, fastquant.QuantConfig(w_bits=4, a_bits=4, bias_correct=False,
-                                                               weight_rounding="nearest"), progress=False)
-    q = fastquant.quantize(model, x, fastquant.QuantConfig(w_bits=4, a_bits=4, weight_rounding="nearest"),
-                           progress=False)
+                                                               weight_rounding="nearest", edge_rounding="nearest"),
+                               progress=False)
+    q = fastquant.quantize(model, x, fastquant.QuantConfig(w_bits=4, a_bits=4, weight_rounding="nearest",
+                                                           edge_rounding="nearest"), progress=False)
     assert fastquant.record_of(q).config.resolved("bias_correct")
     for name in ("blocks.0.mlp.fc2", "blocks.1.attn.proj"):
         layer, ref = q.get_submodule(name), plain.get_submodule(name)
