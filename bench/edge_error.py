@@ -8,9 +8,10 @@ Calibrates the model twice as a reconstruction method starts (``brecq``'s calibr
 round-to-nearest weights in the blocks, no bias correction), once per edge rounding, on
 ``--calib-size`` training images (seed 0), and measures on as many other training images:
 the patch embedding's output error (its 8-bit input and its weights quantized, against the
-float convolution on the same images) and the head's (the float model's head input, the
-quantized head against the float head), each as a mean squared error over the float
-output's variance. Prints a table; writes bench/results/edge_error_<model>_w<W>a<A>.json
+float convolution on the same images) and the head's (the quantized head, weights and
+4-bit input, fed what it receives with every quantizer off, which is the reparameterised
+final norm's output; against the float model's logits), each as a mean squared error over
+the float output's variance. Prints a table; writes bench/results/edge_error_<model>_w<W>a<A>.json
 with the machine, versions and commit.
 """
 from __future__ import annotations
@@ -65,6 +66,7 @@ def main(argv=None):
     from fastquant.data import calibration_indices, load_dataset, stack
     from fastquant.models import load_model
     from fastquant.nn import QuantConv2d
+    from fastquant.quant import quantizers_in, set_mode
     from run import commit, device_name, versions
 
     t0 = time.time()
@@ -74,10 +76,8 @@ def main(argv=None):
     calib, _ = stack(train, calib_idx)
     other, _ = stack(train, held_out(len(train), list(calib_idx), args.calib_size))
     fconv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
-    fhead = model.get_classifier()
-    x_head = head_input(model, other)
     with torch.no_grad():
-        ref_conv, ref_head = fconv(other), fhead(x_head)
+        ref_conv, ref_head = fconv(other), model(other)
     rows = {}
     for rounding in ("nearest", "gptq"):
         # The reconstruction methods' start (fastquant.recon.ReconMethod.calibration), calibration only.
@@ -85,6 +85,9 @@ def main(argv=None):
                                     bias_correct=False, fc2_smooth=0.0, edge_rounding=rounding)
         q = fastquant.quantize(model, calib, cfg, progress=False)
         conv = next(m for m in q.modules() if isinstance(m, QuantConv2d))
+        set_mode(quantizers_in(q), "off")
+        x_head = head_input(q, other)
+        set_mode(quantizers_in(q), "quant")
         with torch.no_grad():
             rows[rounding] = {"patch_embed": relative(conv(other), ref_conv),
                               "head": relative(q.get_classifier()(x_head), ref_head)}
