@@ -89,6 +89,9 @@ VARIANTS = {
     "pfcr-lract-edge": ("pfcr", LRACT),
     "pfcr-lract-edge-seed1": ("pfcr", LRACT + ["--seed", "1"]),
     "mgrq-edge": ("mgrq", []),
+    # the global term through the float rest of the model (the later blocks are not
+    # reconstructed yet when a block trains), with the activation steps' rate scaled
+    "mgrq-edge-rfloat-lract": ("mgrq", LRACT + ["--recon-set", "global_rest=float"]),
     "qdrop-lract": ("qdrop", LRACT),
     "qdrop-lract-decay": ("qdrop", LRACT + DECAY),
     "mgrq-lract": ("mgrq", LRACT),
