@@ -92,6 +92,9 @@ VARIANTS = {
     # the global term through the float rest of the model (the later blocks are not
     # reconstructed yet when a block trains), with the activation steps' rate scaled
     "mgrq-edge-rfloat-lract": ("mgrq", LRACT + ["--recon-set", "global_rest=float"]),
+    # MGRQ's two terms at a tenth of their weight on QDrop with the scaled lr_act: each term
+    # alone raised block 9's output error by 16-48% (bench/unit_compare.py rows mgrq_w4a4_*)
+    "mgrq-edge-small-lract": ("mgrq", LRACT + ["--recon-set", "w_global=0.1", "--recon-set", "w_local=0.1"]),
     "qdrop-lract": ("qdrop", LRACT),
     "qdrop-lract-decay": ("qdrop", LRACT + DECAY),
     "mgrq-lract": ("mgrq", LRACT),
