@@ -95,6 +95,9 @@ VARIANTS = {
     # MGRQ's two terms at a tenth of their weight on QDrop with the scaled lr_act: each term
     # alone raised block 9's output error by 16-48% (bench/unit_compare.py rows mgrq_w4a4_*)
     "mgrq-edge-small-lract": ("mgrq", LRACT + ["--recon-set", "w_global=0.1", "--recon-set", "w_local=0.1"]),
+    # one term at a time, at 0.1 (the other off)
+    "mgrq-edge-global01-lract": ("mgrq", LRACT + ["--recon-set", "w_global=0.1", "--recon-set", "w_local=0.0"]),
+    "mgrq-edge-local01-lract": ("mgrq", LRACT + ["--recon-set", "w_global=0.0", "--recon-set", "w_local=0.1"]),
     "qdrop-lract": ("qdrop", LRACT),
     "qdrop-lract-decay": ("qdrop", LRACT + DECAY),
     "mgrq-lract": ("mgrq", LRACT),
