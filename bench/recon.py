@@ -47,6 +47,10 @@ PAPER_NOPOS = ["--recon-set", "qdrop_p=0.5", "--recon-set", "carry=0.5", "--reco
 PAPER = ["--recon-set", "pos=True"] + PAPER_NOPOS
 HEAD = ["--recon-set", "w_head=1.0"]
 NODROP, CARRY1 = ["--recon-set", "qdrop_p=0.0"], ["--recon-set", "carry=1.0"]
+# MGRQ's terms at the paper's weight 1 (its defaults until they measured worse than 0.1);
+# MGRQ_PAPER also with lr_act 4e-5, MGRQ's default then.
+MGRQ_W1 = ["--recon-set", "w_global=1.0", "--recon-set", "w_local=1.0"]
+MGRQ_PAPER = MGRQ_W1 + ["--recon-set", "lr_act=4e-5"]
 VARIANTS = {
     "repq-smooth05": ("repq", ["--fc2-smooth", "0.5"]),
     "repq-smooth": ("repq", SMOOTH),
@@ -78,7 +82,7 @@ VARIANTS = {
     "pfcr-lract-zp": ("pfcr", LRACT),
     "pfcr-lract-zp-seed1": ("pfcr", LRACT + ["--seed", "1"]),
     "qdrop-lract-zp": ("qdrop", LRACT),
-    "mgrq-zp": ("mgrq", []),
+    "mgrq-zp": ("mgrq", MGRQ_PAPER),
     # The patch embedding and the classifier rounded with GPTQ (QuantConfig.edge_rounding, the
     # default since these rows; --edge-rounding nearest reproduces the "-zp" rows above).
     "repq-smooth-edge": ("repq", SMOOTH),
@@ -88,10 +92,10 @@ VARIANTS = {
     "qdrop-lract-edge-seed1": ("qdrop", LRACT + ["--seed", "1"]),
     "pfcr-lract-edge": ("pfcr", LRACT),
     "pfcr-lract-edge-seed1": ("pfcr", LRACT + ["--seed", "1"]),
-    "mgrq-edge": ("mgrq", []),
+    "mgrq-edge": ("mgrq", MGRQ_PAPER),
     # the global term through the float rest of the model (the later blocks are not
     # reconstructed yet when a block trains), with the activation steps' rate scaled
-    "mgrq-edge-rfloat-lract": ("mgrq", LRACT + ["--recon-set", "global_rest=float"]),
+    "mgrq-edge-rfloat-lract": ("mgrq", MGRQ_W1 + LRACT + ["--recon-set", "global_rest=float"]),
     # MGRQ's two terms at a tenth of their weight on QDrop with the scaled lr_act: each term
     # alone raised block 9's output error by 16-48% (bench/unit_compare.py rows mgrq_w4a4_*)
     "mgrq-edge-small-lract": ("mgrq", LRACT + ["--recon-set", "w_global=0.1", "--recon-set", "w_local=0.1"]),
@@ -100,8 +104,8 @@ VARIANTS = {
     "mgrq-edge-local01-lract": ("mgrq", LRACT + ["--recon-set", "w_global=0.0", "--recon-set", "w_local=0.1"]),
     "qdrop-lract": ("qdrop", LRACT),
     "qdrop-lract-decay": ("qdrop", LRACT + DECAY),
-    "mgrq-lract": ("mgrq", LRACT),
-    "mgrq-nodrop-lract": ("mgrq", LRACT + NODROP),  # MGRQ's terms on BRECQ
+    "mgrq-lract": ("mgrq", MGRQ_W1 + LRACT),
+    "mgrq-nodrop-lract": ("mgrq", MGRQ_W1 + LRACT + NODROP),  # MGRQ's terms on BRECQ
     "pfcr-lract-nodrop-carry1": ("pfcr", LRACT + PAPER + NODROP + CARRY1),
     # The rounding stays soft through the fine levels, turning hard at the last one.
     "pfcr-lract-nodrop-anneal": ("pfcr", LRACT + PAPER + NODROP + CARRY1 + ["--recon-set", "anneal=levels"]),

@@ -101,8 +101,8 @@ class ReconConfig:
     batch_size: int = 32
     lr_round: Optional[float] = None
     # None: the method's default, else auto_lr_act(iters); at 300 steps auto measured better
-    # than 4e-5 for brecq and qdrop (W4A4 dinov2-s14-fmnist: 73.00 -> 76.30, 64.35 -> 66.85)
-    # and worse for mgrq (72.75 -> 66.35), whose default stays 4e-5
+    # than 4e-5 for brecq and qdrop (W4A4 dinov2-s14-fmnist: 73.00 -> 76.30, 64.35 -> 66.85);
+    # mgrq kept 4e-5 until its terms were weighed 0.1 (docs/methods.md, item 12)
     lr_act: Optional[float] = None
     lr_bias: float = 0.0
     lr_norm: float = 0.0
