@@ -102,6 +102,8 @@ VARIANTS = {
     # one term at a time, at 0.1 (the other off)
     "mgrq-edge-global01-lract": ("mgrq", LRACT + ["--recon-set", "w_global=0.1", "--recon-set", "w_local=0.0"]),
     "mgrq-edge-local01-lract": ("mgrq", LRACT + ["--recon-set", "w_global=0.0", "--recon-set", "w_local=0.1"]),
+    # the global term at a hundredth: local alone (local01) beat both terms at 0.1 (small)
+    "mgrq-edge-g001-lract": ("mgrq", LRACT + ["--recon-set", "w_global=0.01", "--recon-set", "w_local=0.1"]),
     "qdrop-lract": ("qdrop", LRACT),
     "qdrop-lract-decay": ("qdrop", LRACT + DECAY),
     "mgrq-lract": ("mgrq", MGRQ_W1 + LRACT),
