@@ -104,6 +104,13 @@ VARIANTS = {
     "mgrq-edge-local01-lract": ("mgrq", LRACT + ["--recon-set", "w_global=0.0", "--recon-set", "w_local=0.1"]),
     # the global term at a hundredth: local alone (local01) beat both terms at 0.1 (small)
     "mgrq-edge-g001-lract": ("mgrq", LRACT + ["--recon-set", "w_global=0.01", "--recon-set", "w_local=0.1"]),
+    # BRECQ at PFCR's wall time with today's calibration: PFCR spends about 900 block steps'
+    # worth per block (its halves, blocks and pairs at 300 steps each), lr_act scaled (None)
+    "brecq-edge-it900": ("brecq", ["--iters", "900", "--recon-set", "lr_act=None"]),
+    # MGRQ's global term in its second-order form (global_form=fisher: the block's squared
+    # error weighted by the float model's diagonal Fisher information, computed once per
+    # block) at the block loss's weight, beside the local term at its default 0.1
+    "mgrq-edge-fisher1-lract": ("mgrq", LRACT + ["--recon-set", "global_form=fisher", "--recon-set", "w_global=1.0"]),
     "qdrop-lract": ("qdrop", LRACT),
     "qdrop-lract-decay": ("qdrop", LRACT + DECAY),
     "mgrq-lract": ("mgrq", MGRQ_W1 + LRACT),

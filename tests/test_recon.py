@@ -217,7 +217,8 @@ def test_methods_are_configurations(w4a4):
                                   progress=False)
     assert len(acts_first.units) == 8 and all(u.history[3] == 1.0 for u in acts_first.units)
 
-    for kw in (dict(), dict(global_rest="float", local_loss="mse", global_batch=3)):
+    for kw in (dict(), dict(global_rest="float", local_loss="mse", global_batch=3),
+               dict(global_form="fisher", fisher_samples=1)):
         q = copy.deepcopy(q0)
         mgrq = recon.run_method(model, q, calib, "mgrq", fast(iters=4, **kw), progress=False)
         cfg = fast(method="mgrq", iters=4, **kw)
@@ -225,6 +226,46 @@ def test_methods_are_configurations(w4a4):
         first = 1.0 + cfg.resolved("w_global") + cfg.resolved("w_local")
         assert mgrq.complete and all(u.mse_after < u.mse_before and u.history[0] == pytest.approx(first)
                                      for u in mgrq.units)
+
+
+def test_fisher_global_term_weighs_what_the_prediction_reads(w4a4):
+    """The Fisher form's weights: at the last block only the class token counts for a head
+    that reads it (its gradient elsewhere is exactly 0), and the sampled estimate follows the
+    exact diagonal (the expectation over every class) element by element."""
+    from types import SimpleNamespace
+    import torch.nn.functional as F
+    from fastquant.adapters import run_rest
+    from fastquant.recon.losses import GlobalFisher, StepBatch
+
+    model, q0, calib = w4a4
+    fp = recon.float_copy(q0)
+    unit = recon.unit_by_name(q0, "block3")
+    with torch.no_grad():
+        target = recon.run_span(fp, recon.embed(fp, calib[:8]), 0, unit.end)
+
+    def ctx(samples):
+        return SimpleNamespace(target=target, cfg=fast(method="mgrq", global_form="fisher", fisher_samples=samples),
+                               device=target.device, fp=fp, unit=unit, level=1, index=3)
+
+    w = GlobalFisher(ctx(400)).weights
+    assert w.shape == target.shape and w.mean().item() == pytest.approx(1.0)
+    assert torch.all(w[:, 1:] == 0) and w[:, 0].min() > 0
+    z = target.clone().requires_grad_(True)
+    logp = F.log_softmax(run_rest(fp, z, unit), -1)
+    exact = torch.zeros_like(z)
+    for y in range(logp.shape[1]):
+        (g,) = torch.autograd.grad(logp[:, y].sum(), z, retain_graph=True)
+        exact += logp[:, y].detach().exp()[:, None, None] * g.pow(2)
+    exact = exact / exact.mean()
+    corr = torch.corrcoef(torch.stack([w[:, 0].flatten(), exact[:, 0].flatten()]))[0, 1]
+    assert corr > 0.95
+    # the term: the weighted squared error, 0 for the float output itself
+    term = GlobalFisher(ctx(1))
+    idx = torch.arange(4)
+    assert term.value(target[:4], StepBatch(idx, target[:4], target[:4])).item() == 0
+    noisy = target[:4] + 0.1
+    assert term.value(noisy, StepBatch(idx, target[:4], target[:4])).item() == pytest.approx(
+        (term.weights[:4] * 0.01).mean().item(), rel=1e-4)
 
 
 def test_float_parameters_train_only_when_asked(w4a4):
@@ -357,6 +398,8 @@ def test_resume_gives_the_uninterrupted_result(w4a4, tmp_path):
     (dict(beta=(2.0, 20.0)), "beta"),
     (dict(warmup=1.0), "warmup"),
     (dict(matmul_dtype="float16"), "matmul_dtype"),
+    (dict(global_form="exact"), "global_form must be one of kl, fisher"),
+    (dict(fisher_samples=0), "fisher_samples must be a positive integer"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(fastquant.FastquantError, match=match):

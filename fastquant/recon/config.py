@@ -21,6 +21,7 @@ from ..errors import FastquantError
 from .registry import BASE_DEFAULTS, METHOD_FIELDS, finite, get_method, is_int, method_names, option, options
 
 GLOBAL_RESTS = ("quant", "float")
+GLOBAL_FORMS = ("kl", "fisher")
 LOCAL_LOSSES = ("moments", "mse")
 MATMUL_DTYPES = ("auto", "float32", "bfloat16")
 LR_SCHEDULES = ("constant", "cosine")
@@ -62,7 +63,14 @@ class ReconConfig:
       logits to those logits. Running the rest costs up to ``depth`` blocks forward and
       backward per step (a DINOv2 ViT-S block's step took 0.5 s, with the global term 4 s,
       on one CPU thread), so ``global_batch`` may compute it on only the first images of
-      each batch (None: all).
+      each batch (None: all). ``global_form``: ``kl`` (that divergence, computed every
+      step), or ``fisher``: its second-order form at the float model, computed once per
+      unit: the unit's squared output error weighted element-wise by the diagonal Fisher
+      information of the float model's output distribution with respect to the unit's
+      output, estimated per calibration image from ``fisher_samples`` labels drawn from the
+      float model's own softmax (no labels needed), the gradients taken through the float
+      rest of the model (``global_rest`` and ``global_batch`` do not apply). It costs
+      ``fisher_samples`` backward passes through the rest per unit instead of one per step.
     - ``w_local``, ``local_loss``: the local loss term (MGRQ's) per QuantLinear in the
       unit: ``moments`` aligns the per-channel mean and standard deviation of the layer's
       output with the float layer's on the float input (normalised by the float
@@ -118,6 +126,8 @@ class ReconConfig:
     w_head: float = 0.0
     global_rest: str = "quant"
     global_batch: Optional[int] = None
+    global_form: str = "kl"
+    fisher_samples: int = 2
     local_loss: str = "moments"
     seed: int = 0
     matmul_dtype: str = "auto"
@@ -141,7 +151,7 @@ class ReconConfig:
         if self.method not in method_names():
             raise FastquantError(f"unknown reconstruction method {self.method!r} "
                                  f"(choose from {', '.join(method_names())})")
-        for name in ("iters", "batch_size", "capture_batch_size", "global_batch"):
+        for name in ("iters", "batch_size", "capture_batch_size", "global_batch", "fisher_samples"):
             v = getattr(self, name)
             if v is None and name == "global_batch":
                 continue
@@ -187,6 +197,8 @@ class ReconConfig:
             raise FastquantError("the loss weights w_rec, w_global and w_local are all zero: nothing to optimise")
         if self.global_rest not in GLOBAL_RESTS:
             raise FastquantError(f"global_rest must be one of {', '.join(GLOBAL_RESTS)}, got {self.global_rest!r}")
+        if self.global_form not in GLOBAL_FORMS:
+            raise FastquantError(f"global_form must be one of {', '.join(GLOBAL_FORMS)}, got {self.global_form!r}")
         if self.local_loss not in LOCAL_LOSSES:
             raise FastquantError(f"local_loss must be one of {', '.join(LOCAL_LOSSES)}, got {self.local_loss!r}")
         if self.lr_schedule not in LR_SCHEDULES:

@@ -39,7 +39,7 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -174,6 +174,7 @@ class UnitContext:
     cfg: ReconConfig
     layers: list  # the unit's QuantLinear layers with learnable rounding
     trained_halves: set  # halves of this unit an earlier unit already reconstructed
+    target: Optional[torch.Tensor] = None  # the float model's output of the unit, all images
 
     @property
     def model(self) -> nn.Module:
@@ -301,7 +302,7 @@ class _Engine:
             target = self._map(lambda x: run_span(self.fp, x, unit.start, unit.end), s.fp)
         _, mse_before = self._hard_pass(unit, s.q, target)
         ctx = UnitContext(self, unit, li, ui, cfg, [layer for layer, _ in weights],
-                          trained & set(range(unit.start, unit.end)))
+                          trained & set(range(unit.start, unit.end)), target)
         if method.before_unit is not None:
             method.before_unit(ctx)
 

@@ -10,7 +10,9 @@ the order their values are summed, each with the setting that weighs it:
 - ``global`` (``w_global``, MGRQ's extra-block global supervision): the KL divergence from
   the float model's logits to the logits of the unit's output run through the rest of the
   model (``global_rest``: the rest ``quant``ized or in ``float``; ``global_batch``: on the
-  first images of each batch only);
+  first images of each batch only); with ``global_form=fisher`` instead its second-order
+  form at the float model: the unit's squared output error weighted by the diagonal Fisher
+  information of the float model's prediction with respect to the unit's output;
 - ``head`` (``w_head``): on the unit ending at the last block only, the KL divergence from
   the float model's logits to the logits of the unit's output through the final norm and
   the head (quantized as they are);
@@ -84,6 +86,47 @@ class GlobalKL(Term):
             logits = run_rest(ctx.model, out, ctx.unit)
         ref = fp_logits[idx.to(fp_logits.device)].to(ctx.device)
         return kl_to_float(logits, ref)
+
+
+class GlobalFisher(Term):
+    """The global term in its second-order form: near the float model, KL(p_fp || p(z + e))
+    is about e^T F e / 2, with F the Fisher information of the model's softmax with respect
+    to the unit's output z. F's diagonal is estimated per calibration image as the mean of
+    the squared gradients of log p(y | z) over ``fisher_samples`` labels y drawn from the
+    float model's own softmax, through the float rest of the model, once for the unit; the
+    term is the squared error of the unit's output weighted by it (the weights scaled to
+    mean 1). Images the float model is sure of weigh little; the tokens and channels the
+    prediction reads weigh most (at the last block the class token alone, for a head that
+    reads it)."""
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        target, cfg, device = ctx.target, ctx.cfg, ctx.device
+        if target is None:
+            raise FastquantError(f"unit {ctx.unit.name}: the Fisher form of the global term needs the unit's float output")
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + ctx.level * 1_009 + ctx.index)
+        k, bs, parts = cfg.fisher_samples, cfg.capture_batch_size, []
+        for i in range(0, len(target), bs):
+            z = target[i:i + bs].to(device).detach().requires_grad_(True)
+            with torch.enable_grad():
+                logp = F.log_softmax(run_rest(ctx.fp, z, ctx.unit).float(), -1)
+                probs = logp.detach().exp().cpu()
+                acc = torch.zeros_like(z)
+                for j in range(k):
+                    y = torch.multinomial(probs, 1, generator=gen).to(device)
+                    (g,) = torch.autograd.grad(logp.gather(1, y).sum(), z, retain_graph=j < k - 1)
+                    acc += g.detach().pow(2)
+            parts.append((acc / k).to(target.device))
+        w = torch.cat(parts)
+        self.weights = w / w.mean().clamp_min(1e-30)
+
+    def value(self, out, batch):
+        w = self.weights[batch.idx.to(self.weights.device)].to(out.device)
+        return (w * (out - batch.target).pow(2)).mean()
+
+
+def make_global(ctx) -> Term:
+    return GlobalFisher(ctx) if ctx.cfg.global_form == "fisher" else GlobalKL(ctx)
 
 
 class HeadKL(Term):
@@ -166,7 +209,7 @@ class TermSpec:
     applies: Any = None  # (ctx) -> whether the term takes part for this unit (None: always)
 
 
-TERMS = [TermSpec("rec", "w_rec", Reconstruction), TermSpec("global", "w_global", GlobalKL),
+TERMS = [TermSpec("rec", "w_rec", Reconstruction), TermSpec("global", "w_global", make_global),
          TermSpec("head", "w_head", HeadKL, HeadKL.applies), TermSpec("local", "w_local", LocalAlignment)]
 
 
@@ -178,5 +221,5 @@ def register_term(spec: TermSpec) -> TermSpec:
     return spec
 
 
-__all__ = ["StepBatch", "Term", "Reconstruction", "GlobalKL", "HeadKL", "LocalAlignment", "TermSpec", "TERMS",
+__all__ = ["StepBatch", "Term", "Reconstruction", "GlobalKL", "GlobalFisher", "make_global", "HeadKL", "LocalAlignment", "TermSpec", "TERMS",
            "register_term", "kl_to_float", "Unit"]
