@@ -49,7 +49,10 @@ HEAD = ["--recon-set", "w_head=1.0"]
 NODROP, CARRY1 = ["--recon-set", "qdrop_p=0.0"], ["--recon-set", "carry=1.0"]
 # MGRQ's terms at the paper's weight 1 (its defaults until they measured worse than 0.1);
 # MGRQ_PAPER also with lr_act 4e-5, MGRQ's default then.
-MGRQ_W1 = ["--recon-set", "w_global=1.0", "--recon-set", "w_local=1.0"]
+# Every MGRQ row before mgrq-edge-fisher1-lract took the global term as the KL divergence
+# through the rest (KL: global_form=kl, its default then).
+KL = ["--recon-set", "global_form=kl"]
+MGRQ_W1 = ["--recon-set", "w_global=1.0", "--recon-set", "w_local=1.0"] + KL
 MGRQ_PAPER = MGRQ_W1 + ["--recon-set", "lr_act=4e-5"]
 VARIANTS = {
     "repq-smooth05": ("repq", ["--fc2-smooth", "0.5"]),
@@ -98,12 +101,12 @@ VARIANTS = {
     "mgrq-edge-rfloat-lract": ("mgrq", MGRQ_W1 + LRACT + ["--recon-set", "global_rest=float"]),
     # MGRQ's two terms at a tenth of their weight on QDrop with the scaled lr_act: each term
     # alone raised block 9's output error by 16-48% (bench/unit_compare.py rows mgrq_w4a4_*)
-    "mgrq-edge-small-lract": ("mgrq", LRACT + ["--recon-set", "w_global=0.1", "--recon-set", "w_local=0.1"]),
+    "mgrq-edge-small-lract": ("mgrq", LRACT + KL + ["--recon-set", "w_global=0.1", "--recon-set", "w_local=0.1"]),
     # one term at a time, at 0.1 (the other off)
-    "mgrq-edge-global01-lract": ("mgrq", LRACT + ["--recon-set", "w_global=0.1", "--recon-set", "w_local=0.0"]),
+    "mgrq-edge-global01-lract": ("mgrq", LRACT + KL + ["--recon-set", "w_global=0.1", "--recon-set", "w_local=0.0"]),
     "mgrq-edge-local01-lract": ("mgrq", LRACT + ["--recon-set", "w_global=0.0", "--recon-set", "w_local=0.1"]),
     # the global term at a hundredth: local alone (local01) beat both terms at 0.1 (small)
-    "mgrq-edge-g001-lract": ("mgrq", LRACT + ["--recon-set", "w_global=0.01", "--recon-set", "w_local=0.1"]),
+    "mgrq-edge-g001-lract": ("mgrq", LRACT + KL + ["--recon-set", "w_global=0.01", "--recon-set", "w_local=0.1"]),
     # BRECQ at PFCR's wall time with today's calibration: PFCR spends about 900 block steps'
     # worth per block (its halves, blocks and pairs at 300 steps each), lr_act scaled (None)
     "brecq-edge-it900": ("brecq", ["--iters", "900", "--recon-set", "lr_act=None"]),

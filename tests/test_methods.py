@@ -96,8 +96,10 @@ def test_fastquant_methods_are_records():
     """brecq, qdrop, pfcr and mgrq differ only in their records' data and functions."""
     assert method_names()[:4] == ("brecq", "qdrop", "pfcr", "mgrq")
     assert get_method("brecq").defaults == {"qdrop_p": 0.0}
-    assert get_method("mgrq").defaults == {"qdrop_p": 0.5, "w_global": 0.01, "w_local": 0.1}
-    assert ReconConfig(method="mgrq", iters=300).resolved("w_global") == 0.01  # its own default
+    assert get_method("mgrq").defaults == {"qdrop_p": 0.5, "w_global": 1.0, "w_local": 0.1, "global_form": "fisher"}
+    assert ReconConfig(method="mgrq", iters=300).resolved("w_global") == 1.0  # its own default
+    assert ReconConfig(method="mgrq").resolved("global_form") == "fisher"
+    assert ReconConfig(method="qdrop").resolved("global_form") == "kl"  # the engine's default
     assert ReconConfig(method="mgrq", iters=300).resolved("lr_act") == pytest.approx(4e-5 * 20000 / 300)
     assert ReconConfig(method="brecq", iters=300).resolved("lr_act") == pytest.approx(4e-5 * 20000 / 300)
     assert ReconConfig(method="mgrq", iters=300, lr_act=1e-3).resolved("lr_act") == 1e-3  # given wins

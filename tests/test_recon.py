@@ -217,8 +217,8 @@ def test_methods_are_configurations(w4a4):
                                   progress=False)
     assert len(acts_first.units) == 8 and all(u.history[3] == 1.0 for u in acts_first.units)
 
-    for kw in (dict(), dict(global_rest="float", local_loss="mse", global_batch=3),
-               dict(global_form="fisher", fisher_samples=1)):
+    for kw in (dict(), dict(global_form="kl", global_rest="float", local_loss="mse", global_batch=3),
+               dict(global_form="kl"), dict(fisher_samples=1)):
         q = copy.deepcopy(q0)
         mgrq = recon.run_method(model, q, calib, "mgrq", fast(iters=4, **kw), progress=False)
         cfg = fast(method="mgrq", iters=4, **kw)

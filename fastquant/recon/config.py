@@ -5,7 +5,7 @@ are given the same way and kept in ``options``:
 
     ReconConfig(method="pfcr", iters=500, carry=0.5)
 
-Fields left at ``None`` (``qdrop_p``, ``w_global``, ``w_local``) and options not given take
+Fields left at ``None`` (``qdrop_p``, ``w_global``, ``w_local``, ``global_form``, ``lr_act``) and options not given take
 the method's defaults; ``resolved(name)`` reads any of them after defaults are applied.
 """
 from __future__ import annotations
@@ -126,7 +126,7 @@ class ReconConfig:
     w_head: float = 0.0
     global_rest: str = "quant"
     global_batch: Optional[int] = None
-    global_form: str = "kl"
+    global_form: Optional[str] = None  # None: the method's default, else "kl"
     fisher_samples: int = 2
     local_loss: str = "moments"
     seed: int = 0
@@ -197,7 +197,7 @@ class ReconConfig:
             raise FastquantError("the loss weights w_rec, w_global and w_local are all zero: nothing to optimise")
         if self.global_rest not in GLOBAL_RESTS:
             raise FastquantError(f"global_rest must be one of {', '.join(GLOBAL_RESTS)}, got {self.global_rest!r}")
-        if self.global_form not in GLOBAL_FORMS:
+        if self.resolved("global_form") not in GLOBAL_FORMS:
             raise FastquantError(f"global_form must be one of {', '.join(GLOBAL_FORMS)}, got {self.global_form!r}")
         if self.local_loss not in LOCAL_LOSSES:
             raise FastquantError(f"local_loss must be one of {', '.join(LOCAL_LOSSES)}, got {self.local_loss!r}")

@@ -126,7 +126,7 @@ class GlobalFisher(Term):
 
 
 def make_global(ctx) -> Term:
-    return GlobalFisher(ctx) if ctx.cfg.global_form == "fisher" else GlobalKL(ctx)
+    return GlobalFisher(ctx) if ctx.cfg.resolved("global_form") == "fisher" else GlobalKL(ctx)
 
 
 class HeadKL(Term):
