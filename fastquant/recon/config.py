@@ -6,7 +6,8 @@ are given the same way and kept in ``options``:
     ReconConfig(method="pfcr", iters=500, carry=0.5)
 
 Fields left at ``None`` (``qdrop_p``, ``w_global``, ``w_local``, ``global_form``, ``lr_act``)
-and options not given take the method's defaults; ``resolved(name)`` reads any of them after defaults are applied.
+and options not given take the method's defaults; ``resolved(name)`` reads any of them
+after defaults are applied.
 """
 from __future__ import annotations
 
