@@ -151,10 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--per-head", choices=("tensor", "exact"), default="tensor",
                    help="per-head Q/K steps as one covering per-tensor QDQ, or exactly in float operations "
                         "(default: %(default)s)")
-    x.add_argument("--weights", choices=("asymmetric", "symmetric"), default="asymmetric",
-                   help="int8 weight codes with fastquant's zero points (exact; fastest in ONNX Runtime) or with "
-                        "zero point 0 (OpenVINO's and TensorRT's form; at 8 bits a near-exact correction) "
-                        "(default: %(default)s)")
+    x.add_argument("--weights", choices=("asymmetric", "symmetric", "unsigned"), default="asymmetric",
+                   help="int8 weight codes with fastquant's zero points (exact; fastest in ONNX Runtime), with "
+                        "zero point 0 (OpenVINO's and TensorRT's form; at 8 bits a near-exact correction), or "
+                        "uint8 codes (exact also on x86 CPUs without VNNI, where int8 kernels saturate at 8-bit "
+                        "weights) (default: %(default)s)")
     x.add_argument("--opset", type=_positive, default=17, help="ONNX opset, 13 or later (default: %(default)s)")
     x.add_argument("--json", type=Path, help="write what was exported as JSON to this file")
     x.add_argument("--threads", type=_positive, help="CPU threads for torch (default: torch's choice)")
@@ -371,6 +372,7 @@ def cmd_export(args) -> dict:
     import dataclasses
 
     from . import export_onnx, load, record_of
+    from .deploy.export import cpu_saturates
     from .serialize import read_config, read_metadata
 
     t0 = time.time()
@@ -385,8 +387,12 @@ def cmd_export(args) -> dict:
     rep = export_onnx(model, args.onnx, softmax=args.softmax, per_head=args.per_head, weights=args.weights,
                       opset=args.opset)
     qcfg = record_of(model).config
+    if args.weights != "unsigned" and cpu_saturates() and any(
+            getattr(getattr(m, "weight_quant", None), "bits", None) == 8 for m in model.modules()):
+        print("note: this CPU has no VNNI: ONNX Runtime's int8 kernels saturate here with 8-bit weights "
+              "(predictions drift); --weights unsigned runs exactly on every CPU", file=sys.stderr)
     print(_table([("model", f"{spec.name} ({qcfg.method} W{qcfg.w_bits}A{qcfg.a_bits})"), ("ONNX", str(args.onnx)),
-                  ("int8 weights", str(len(rep.weights))), ("QDQ activations", str(len(rep.qdq))),
+                  ("integer weights", str(len(rep.weights))), ("QDQ activations", str(len(rep.qdq))),
                   ("nearest standard form", str(len(rep.approximated))),
                   ("float operations", str(len(rep.emulated)))]))
     return {"model": spec.name, "quantized": str(args.quantized), **dataclasses.asdict(rep),

@@ -7,7 +7,13 @@ fastquant's are not; untested there):
 - a weight: its integer codes as an int8 initializer and one ``DequantizeLinear`` with the
   per-channel steps (``axis=0``). ``weights="asymmetric"`` (default, exact): fastquant's
   codes 0 .. 2^b - 1 moved down by 2^(b-1), the zero points with them, so the values are
-  unchanged; ONNX Runtime runs these fastest. ``weights="symmetric"``: zero point 0, the form
+  unchanged; ONNX Runtime runs these fastest. On x86 CPUs without VNNI (AVX2 or AVX-512
+  alone) ONNX Runtime's uint8 x int8 kernels add pairs of products in 16 bits, which
+  saturate with 8-bit weights (2 x 255 x 128 > 32767; below 8 bits they cannot), so there an
+  8-bit model's integer path differs from the graph; ``cpu_saturates()`` tells.
+  ``weights="unsigned"`` (exact on every CPU): fastquant's own codes and zero points as
+  uint8, run by ONNX Runtime's uint8 x uint8 kernels, which add in 32 bits.
+  ``weights="symmetric"``: zero point 0, the form
   OpenVINO runs about 3x faster and TensorRT requires (``ExportLinear``): exact below 8 bits,
   at 8 bits a zero-point correction from the input's row sum taken before quantization (the
   nearest form; ``ExportLinear`` says why). The patch embedding's convolution stays
@@ -62,13 +68,13 @@ from ..record import record_of
 
 SOFTMAX_FORMS = ("uint8", "exact")
 PER_HEAD_FORMS = ("tensor", "exact")
-WEIGHT_FORMS = ("asymmetric", "symmetric")
+WEIGHT_FORMS = ("asymmetric", "symmetric", "unsigned")
 MIN_OPSET = 13  # per-axis QuantizeLinear / DequantizeLinear
 
 
 @dataclass(frozen=True)
 class ExportReport:
-    """What ``export_onnx`` wrote: the quantizers as standard QDQ (``qdq``, weights as int8
+    """What ``export_onnx`` wrote: the quantizers as standard QDQ (``qdq``, weights as integer
     initializers in ``weights``), those written as float operations (``emulated``, with the
     reason) and those replaced by the nearest standard form (``approximated``, with it)."""
 
@@ -119,15 +125,18 @@ class _ActQDQ(torch.autograd.Function):
 
 
 class ExportWeight(nn.Module):
-    """A weight quantizer as int8 codes and per-channel steps (replaces ``weight_quant``)."""
+    """A weight quantizer as integer codes and per-channel steps (replaces ``weight_quant``):
+    int8 codes moved down by 2^(b-1) with their zero points, or (``unsigned``) fastquant's own
+    codes and zero points as uint8."""
 
-    def __init__(self, quantizer: UniformQuantizer, weight: torch.Tensor):
+    def __init__(self, quantizer: UniformQuantizer, weight: torch.Tensor, unsigned: bool = False):
         super().__init__()
-        offset = 1 << (quantizer.bits - 1)
+        offset = 0 if unsigned else 1 << (quantizer.bits - 1)
+        dtype = torch.uint8 if unsigned else torch.int8
         codes = quantizer.quantize(weight.detach()).to(torch.int16) - offset
-        self.register_buffer("codes", codes.to(torch.int8))
+        self.register_buffer("codes", codes.to(dtype))
         self.register_buffer("scale", quantizer.scale.detach().reshape(-1).float().clone())
-        self.register_buffer("zero_point", (quantizer.zero_point.detach().reshape(-1) - offset).to(torch.int8))
+        self.register_buffer("zero_point", (quantizer.zero_point.detach().reshape(-1) - offset).to(dtype))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return _WeightDQ.apply(w, self.codes, self.scale, self.zero_point)
@@ -209,6 +218,24 @@ class ExportAct(nn.Module):
         return _ActQDQ.apply(x, self.scale, self.zero_point, self.qmax, self.axis)
 
 
+def cpu_saturates() -> bool:
+    """True on an x86 CPU without VNNI (AVX512_VNNI or AVX_VNNI): there ONNX Runtime's (and
+    OpenVINO's) uint8 x int8 kernels add pairs of products in 16 bits with saturation, so a
+    graph with 8-bit int8 weights (``weights="asymmetric"`` or ``"symmetric"``) can run other
+    than it reads; ``weights="unsigned"`` cannot. False elsewhere (ARM's dot products and VNNI
+    add in 32 bits) and where the CPU's flags cannot be read."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return False
+    return flags is not None and "avx2" in flags and not {"avx512_vnni", "avx_vnni"} & set(flags)
+
+
 def _per_head(scale: torch.Tensor) -> bool:
     """Steps of shape (1, H, 1, 1) (per head on a (B, H, N, D) operand) or a scalar."""
     return scale.dim() == 4 and scale.shape[0] == scale.shape[2] == scale.shape[3] == 1
@@ -285,7 +312,7 @@ def _export_copy(model: nn.Module, softmax: str, per_head: str, weights: str) ->
         elif isinstance(mod, (QuantLinear, QuantConv2d)):
             wq = mod.weight_quant
             if isinstance(wq, UniformQuantizer) and not wq.per_token and wq.bits <= 8 and wq.scale.numel() > 0:
-                mod.weight_quant = ExportWeight(wq, mod.weight)
+                mod.weight_quant = ExportWeight(wq, mod.weight, unsigned=weights == "unsigned")
                 done["weights"].append(f"{name}.weight_quant")
             else:
                 done["emulated"][f"{name}.weight_quant"] = f"{type(wq).__name__} (written as float operations)"
@@ -315,7 +342,8 @@ def export_onnx(qmodel: nn.Module, path: str | os.PathLike, *, softmax: str = "u
     """Write ``qmodel`` (fake-quantized: from ``fastquant.quantize`` or ``fastquant.load``) to
     ``path`` as a QDQ ONNX model (input ``images`` N x C x H x W, output ``logits``; the batch
     dimension is dynamic). ``softmax``: ``"uint8"`` or ``"exact"``; ``per_head``: ``"tensor"``
-    or ``"exact"``; ``weights``: ``"asymmetric"`` or ``"symmetric"`` (see the module docstring).
+    or ``"exact"``; ``weights``: ``"asymmetric"``, ``"symmetric"`` or ``"unsigned"`` (see the
+    module docstring).
     Returns an ``ExportReport``. The file is written atomically: on any error nothing is left."""
     if softmax not in SOFTMAX_FORMS:
         raise FastquantError(f"softmax must be one of {', '.join(SOFTMAX_FORMS)}, got {softmax!r}")
