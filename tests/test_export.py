@@ -172,3 +172,20 @@ def test_cli_export(models, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith(("error:", "usage:")) or "fastquant export" in line for line in err)
     assert not (tmp_path / "n.onnx").exists()
+
+
+@pytest.mark.parametrize("saturates", [True, False])
+def test_cli_export_notes_where_int8_kernels_saturate(models, tmp_path, capsys, monkeypatch, saturates):
+    """On a CPU without VNNI an 8-bit model's int8 export gets a one-line note naming
+    --weights unsigned; the unsigned export, or a CPU with VNNI, gets none."""
+    import fastquant.deploy.export as export
+
+    monkeypatch.setattr(export, "cpu_saturates", lambda: saturates)
+    saved = tmp_path / "q.safetensors"
+    fastquant.save(models[("repq", 8, 8)], saved)
+    capsys.readouterr()
+    assert main(["export", "--quantized", str(saved), "--onnx", str(tmp_path / "a.onnx")]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == (1 if saturates else 0) and all("--weights unsigned" in n for n in notes)
+    assert main(["export", "--quantized", str(saved), "--onnx", str(tmp_path / "u.onnx"), "--weights", "unsigned"]) == 0
+    assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
