@@ -339,7 +339,8 @@ def test_pfcr_anneals_across_levels_when_asked(w4a4):
     from fastquant.recon.methods.pfcr import round_window
 
     def ctx(level, **kw):
-        return SimpleNamespace(cfg=fast(method="pfcr", **kw), level=level, engine=SimpleNamespace(n_levels=3))
+        cfg = fast(method="pfcr", iters=10, **kw)
+        return SimpleNamespace(cfg=cfg, level=level, engine=SimpleNamespace(n_levels=3, cfg=cfg))
 
     assert [round_window(ctx(k, anneal="unit"), 10) for k in range(3)] == [(0, 10)] * 3
     assert [round_window(ctx(k), 10) for k in range(3)] == [(0, 30), (10, 30), (20, 30)]
@@ -355,6 +356,41 @@ def test_pfcr_anneals_across_levels_when_asked(w4a4):
     # Two levels of 6 steps: the shared schedule's warm-up (0.6 of 12 steps) outlasts level 0.
     assert all(u.round_reg_last == 0.0 for u in runs["levels"].units[:8])
     assert any(u.round_reg_last > 0 for u in runs["unit"].units[:8])
+
+
+def test_pfcr_level_steps_shorten_the_coarse_levels(w4a4):
+    """level_steps: each level's steps per unit as fractions of iters (the last repeated), at
+    the run's learning rates, with the shared regulariser schedule spanning the levels' own
+    lengths."""
+    from types import SimpleNamespace
+
+    from fastquant.recon.methods.pfcr import level_iters, round_window
+
+    cfg = fast(method="pfcr", iters=10, level_steps=(1.0, 0.5))
+    assert [level_iters(cfg, k) for k in range(3)] == [10, 5, 5]
+    assert [level_iters(fast(method="pfcr", iters=10), k) for k in range(3)] == [10, 10, 10]
+    engine = SimpleNamespace(n_levels=3, cfg=cfg)
+    windows = [round_window(SimpleNamespace(cfg=cfg.with_iters(level_iters(cfg, k)), level=k, engine=engine), 0)
+               for k in range(3)]
+    assert windows == [(0, 20), (10, 20), (15, 20)]
+    # POS weights_first keeps every step a rounding step; acts_first leaves only the second stage's.
+    acts_first = fast(method="pfcr", iters=10, level_steps=(1.0, 0.5), pos=True, pos_mode="acts_first")
+    engine = SimpleNamespace(n_levels=2, cfg=acts_first)
+    assert round_window(SimpleNamespace(cfg=acts_first, level=1, engine=engine), 0) == (5, 8)
+    # The shorter level keeps the run's learning rates (not those auto-scaled for fewer steps).
+    long = fast(method="pfcr", iters=300)
+    short = long.with_iters(150)
+    assert short.iters == 150 and short.options == long.options
+    assert (short.resolved("lr_round"), short.resolved("lr_act")) == (long.resolved("lr_round"), long.resolved("lr_act"))
+    assert recon.ReconConfig("pfcr", iters=150).resolved("lr_round") != long.resolved("lr_round")
+    for bad in ((0.0,), (1.5,), (), "0.5", (float("nan"),)):
+        with pytest.raises(fastquant.FastquantError, match="level_steps must be None or a sequence of fractions"):
+            fast(method="pfcr", level_steps=bad)
+    model, q0, calib = w4a4
+    run = recon.run_method(model, copy.deepcopy(q0), calib, "pfcr",
+                           fast(method="pfcr", iters=6, stop_at=1, level_steps=(1.0, 0.5)), progress=False)
+    assert run.complete
+    assert [(u.level, u.iters, len(u.history)) for u in run.units] == [(0, 6, 6)] * 8 + [(1, 3, 3)] * 4
 
 
 def test_resume_gives_the_uninterrupted_result(w4a4, tmp_path):

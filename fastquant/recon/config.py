@@ -245,6 +245,13 @@ class ReconConfig:
             return option(key).default
         return getattr(self, key)
 
+    def with_iters(self, iters: int) -> "ReconConfig":
+        """The same settings with ``iters`` steps per unit, the learning rates kept as this
+        config resolves them (a level of its own length in a run, e.g. PFCR's ``level_steps``)."""
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "method"}
+        settings.update(iters=iters, lr_round=self.resolved("lr_round"), lr_act=self.resolved("lr_act"))
+        return ReconConfig(self.method, **settings)
+
     def to_dict(self, runtime: bool = True) -> dict:
         """All settings and the method's options, with the method's defaults filled in
         (``runtime=False``: without the fields that do not change the result)."""

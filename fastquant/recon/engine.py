@@ -296,6 +296,9 @@ class _Engine:
         """Reconstruct ``unit`` (unit ``ui`` of level ``li``) from the stream at its start,
         then advance the stream past it. ``trained``: halves an earlier unit reconstructed."""
         cfg, model, method = self.cfg, self.model, self.method
+        iters = method.level_iters(cfg, li) if method.level_iters else cfg.iters
+        if iters != cfg.iters:  # this level's own step count, at the run's learning rates
+            cfg = cfg.with_iters(iters)
         t0 = time.time()
         weights, acts = self.state.of(unit_modules(model, unit))
         with torch.no_grad():

@@ -80,6 +80,8 @@ class ReconMethod:
     # steps offset.. of a regulariser schedule (warm-up, then beta falling) of ``total``
     # steps; None: each unit anneals its own rounding, (0, steps).
     round_window: Optional[Callable] = None
+    # (cfg, level) -> the steps of each unit of that level; None: ``cfg.iters`` everywhere.
+    level_iters: Optional[Callable] = None
     # Settings of its own for each CLI budget (``fastquant quantize --budget``), applied
     # after the budget's steps and images, e.g. PFCR's last level on the cpu budget.
     budgets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)

@@ -20,6 +20,9 @@ paper leaves open is an option below.
   within each unit (``"unit"``), or once across the levels (``"levels"``: a unit of level k
   continues it from k / levels of the way, so the rounding stays soft through the fine
   levels and turns hard only at the last; use with ``carry=1``, which keeps it as left).
+- ``level_steps``: each level's steps per unit as fractions of ``iters`` (e.g. ``(1, 0.75,
+  0.5)``: the coarse levels shorter; levels past the sequence take its last value; None:
+  ``iters`` everywhere). The learning rates stay those of ``iters``.
 - ``qdrop_p``: QDrop's probability (0 by default; the paper builds on QDrop at 0.5).
 
 Defaults, set by measurement (docs/methods.md, "Accuracy at W4A4: what was tried";
@@ -66,6 +69,12 @@ register_option(Option("anneal", "levels",
 register_option(Option("merge", 2, _check(lambda v: is_int(v) and v >= 2, "merge must be an integer of at least 2, "
                                                                            "got {v!r}"),
                        "how many neighbouring units of a level make one unit of the next"))
+register_option(Option("level_steps", None,
+                       _check(lambda v: v is None or (isinstance(v, (tuple, list)) and len(v) > 0
+                                                      and all(finite(f) and 0 < f <= 1 for f in v)),
+                              "level_steps must be None or a sequence of fractions in (0, 1] (one per level, "
+                              "the last repeated), got {v!r}"),
+                       "each level's steps per unit as a fraction of iters (None: iters at every level)"))
 register_option(Option("stop_at", None,
                        _check(lambda v: v is None or (is_int(v) and v >= 0),
                               "stop_at must be a non-negative integer or None, got {v!r}"),
@@ -73,7 +82,7 @@ register_option(Option("stop_at", None,
 
 
 # PFCR's options, declared above; the method's defaults are the declared ones.
-OPTIONS = ("pos", "pos_split", "pos_mode", "carry", "anneal", "merge", "stop_at")
+OPTIONS = ("pos", "pos_split", "pos_mode", "carry", "anneal", "merge", "level_steps", "stop_at")
 
 
 def pfcr_levels(model, merge: int = 2, stop_at: int | None = None) -> list[list[Unit]]:
@@ -126,12 +135,31 @@ def carry_rounding(ctx) -> None:
             w.blend(layer.weight, carry)
 
 
+def level_iters(cfg, level: int) -> int:
+    """The steps of each unit of ``level``: ``iters`` times its ``level_steps`` fraction
+    (levels past the sequence take its last fraction), at least 1."""
+    fractions = cfg.resolved("level_steps")
+    if not fractions:
+        return cfg.iters
+    return max(1, round(cfg.iters * fractions[min(level, len(fractions) - 1)]))
+
+
+def _rounding_steps(cfg, level: int) -> int:
+    """A unit's rounding steps at ``level``: its steps less POS's first stage where that
+    stage keeps the weights in float."""
+    iters = level_iters(cfg, level)
+    return iters - stages(cfg if iters == cfg.iters else cfg.with_iters(iters))[1]
+
+
 def round_window(ctx, steps: int) -> tuple[int, int]:
     """``anneal="levels"``: one regulariser schedule over all levels, so that a unit of level
-    k continues it from step k * steps (its warm-up falls in the first levels, the rounding
-    turns hard only at the last); ``"unit"``: each unit's own schedule."""
+    k continues it where the rounding steps of levels 0..k-1 left it (its warm-up falls in
+    the first levels, the rounding turns hard only at the last); ``"unit"``: each unit's
+    own schedule."""
     if ctx.cfg.resolved("anneal") == "levels":
-        return ctx.level * steps, ctx.engine.n_levels * steps
+        run = ctx.engine.cfg  # the run's settings (ctx.cfg holds this level's steps)
+        per_level = [_rounding_steps(run, k) for k in range(ctx.engine.n_levels)]
+        return sum(per_level[:ctx.level]), sum(per_level)
     return 0, steps
 
 
@@ -147,5 +175,6 @@ PFCR = register_method(ReconMethod(
     stages=stages,
     before_unit=carry_rounding,
     round_window=round_window,
+    level_iters=level_iters,
     budgets={"cpu": {"stop_at": 2}},  # up to pairs of blocks (ViT-S: 24 + 12 + 6 units)
 ))
