@@ -153,6 +153,9 @@ VARIANTS = {
     # Shorter coarse levels (PFCR's level_steps): the blocks at 3/4 and the pairs of blocks
     # at 1/2 of the 300 steps, for a run inside 45 minutes on 2 cores.
     "pfcr-lract-edge-short": ("pfcr", LRACT + ["--recon-set", "level_steps=(1.0,0.75,0.5)"]),
+    # MGRQ's Fisher-form global term with its weights averaged over the calibration images
+    # (one per token and channel) instead of one per image and element
+    "mgrq-edge-fisherpool-lract": ("mgrq", LRACT + ["--recon-set", "fisher_pool=images"]),
 }
 
 

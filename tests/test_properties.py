@@ -75,7 +75,7 @@ def test_quant_config_accepts_only_well_typed_values(kwargs):
 
 
 RECON_FIELDS = ["iters", "batch_size", "lr_round", "lr_act", "lr_bias", "lr_norm", "round_weight", "warmup", "beta",
-                "qdrop_p", "w_rec", "w_global", "w_local", "w_head", "global_rest", "global_form", "fisher_samples", "local_loss", "matmul_dtype", "seed",
+                "qdrop_p", "w_rec", "w_global", "w_local", "w_head", "global_rest", "global_form", "fisher_samples", "fisher_pool", "local_loss", "matmul_dtype", "seed",
                 "carry", "stop_at", "level_steps", "pos", "speed"]
 
 

@@ -243,8 +243,9 @@ def test_fisher_global_term_weighs_what_the_prediction_reads(w4a4):
     with torch.no_grad():
         target = recon.run_span(fp, recon.embed(fp, calib[:8]), 0, unit.end)
 
-    def ctx(samples):
-        return SimpleNamespace(target=target, cfg=fast(method="mgrq", global_form="fisher", fisher_samples=samples),
+    def ctx(samples, pool="none"):
+        return SimpleNamespace(target=target, cfg=fast(method="mgrq", global_form="fisher", fisher_samples=samples,
+                                                        fisher_pool=pool),
                                device=target.device, fp=fp, unit=unit, level=1, index=3)
 
     w = GlobalFisher(ctx(400)).weights
@@ -266,6 +267,14 @@ def test_fisher_global_term_weighs_what_the_prediction_reads(w4a4):
     noisy = target[:4] + 0.1
     assert term.value(noisy, StepBatch(idx, target[:4], target[:4])).item() == pytest.approx(
         (term.weights[:4] * 0.01).mean().item(), rel=1e-4)
+    # fisher_pool="images": the same estimate averaged over the images, one weight per token and channel
+    pooled = GlobalFisher(ctx(1, "images"))
+    assert pooled.weights.shape == (1, *target.shape[1:])
+    torch.testing.assert_close(pooled.weights[0], term.weights.mean(0) / term.weights.mean())
+    err = torch.zeros_like(target[:4])
+    err[2, 0, 5] = 0.3  # one element of image 2: weighted by its token's and channel's pooled weight
+    got = pooled.value(target[:4] + err, StepBatch(torch.tensor([7, 1, 3, 0]), target[:4], target[:4])).item()
+    assert got == pytest.approx(pooled.weights[0, 0, 5].item() * 0.09 / err.numel(), rel=1e-4)
 
 
 def test_float_parameters_train_only_when_asked(w4a4):
@@ -436,6 +445,7 @@ def test_resume_gives_the_uninterrupted_result(w4a4, tmp_path):
     (dict(matmul_dtype="float16"), "matmul_dtype"),
     (dict(global_form="exact"), "global_form must be one of kl, fisher"),
     (dict(fisher_samples=0), "fisher_samples must be a positive integer"),
+    (dict(fisher_pool="tokens"), "fisher_pool must be one of none, images"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(fastquant.FastquantError, match=match):

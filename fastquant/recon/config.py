@@ -23,6 +23,7 @@ from .registry import BASE_DEFAULTS, METHOD_FIELDS, finite, get_method, is_int, 
 
 GLOBAL_RESTS = ("quant", "float")
 GLOBAL_FORMS = ("kl", "fisher")
+FISHER_POOLS = ("none", "images")
 LOCAL_LOSSES = ("moments", "mse")
 MATMUL_DTYPES = ("auto", "float32", "bfloat16")
 LR_SCHEDULES = ("constant", "cosine")
@@ -72,6 +73,9 @@ class ReconConfig:
       float model's own softmax (no labels needed), the gradients taken through the float
       rest of the model (``global_rest`` and ``global_batch`` do not apply). It costs
       ``fisher_samples`` backward passes through the rest per unit instead of one per step.
+      ``fisher_pool``: ``none`` keeps a weight per image and element; ``images`` averages
+      the weights over the calibration images, one per token position and channel, so that
+      the images the float model is unsure of do not take the term to themselves.
     - ``w_local``, ``local_loss``: the local loss term (MGRQ's) per QuantLinear in the
       unit: ``moments`` aligns the per-channel mean and standard deviation of the layer's
       output with the float layer's on the float input (normalised by the float
@@ -129,6 +133,7 @@ class ReconConfig:
     global_batch: Optional[int] = None
     global_form: Optional[str] = None  # None: the method's default, else "kl"
     fisher_samples: int = 2
+    fisher_pool: str = "none"
     local_loss: str = "moments"
     seed: int = 0
     matmul_dtype: str = "auto"
@@ -200,6 +205,8 @@ class ReconConfig:
             raise FastquantError(f"global_rest must be one of {', '.join(GLOBAL_RESTS)}, got {self.global_rest!r}")
         if self.resolved("global_form") not in GLOBAL_FORMS:
             raise FastquantError(f"global_form must be one of {', '.join(GLOBAL_FORMS)}, got {self.global_form!r}")
+        if self.fisher_pool not in FISHER_POOLS:
+            raise FastquantError(f"fisher_pool must be one of {', '.join(FISHER_POOLS)}, got {self.fisher_pool!r}")
         if self.local_loss not in LOCAL_LOSSES:
             raise FastquantError(f"local_loss must be one of {', '.join(LOCAL_LOSSES)}, got {self.local_loss!r}")
         if self.lr_schedule not in LR_SCHEDULES:

@@ -97,7 +97,7 @@ class GlobalFisher(Term):
     term is the squared error of the unit's output weighted by it (the weights scaled to
     mean 1). Images the float model is sure of weigh little; the tokens and channels the
     prediction reads weigh most (at the last block the class token alone, for a head that
-    reads it)."""
+    reads it). With ``fisher_pool="images"`` the weights are averaged over the images."""
 
     def __init__(self, ctx):
         super().__init__(ctx)
@@ -118,10 +118,13 @@ class GlobalFisher(Term):
                     acc += g.detach().pow(2)
             parts.append((acc / k).to(target.device))
         w = torch.cat(parts)
+        if cfg.fisher_pool == "images":  # one weight per token position and channel
+            w = w.mean(0, keepdim=True)
         self.weights = w / w.mean().clamp_min(1e-30)
 
     def value(self, out, batch):
-        w = self.weights[batch.idx.to(self.weights.device)].to(out.device)
+        w = self.weights
+        w = (w if len(w) == 1 else w[batch.idx.to(w.device)]).to(out.device)
         return (w * (out - batch.target).pow(2)).mean()
 
 

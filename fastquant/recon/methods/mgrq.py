@@ -15,7 +15,7 @@ respect to the block's output, computed once per block), weighed 1, and the loca
 75.50, the KL form at 0.01 73.20 and at 0.1 71.35, no global term 77.20 (the paper's
 weights with ``lr_act`` 4e-5: 55.95). Even so MGRQ stays below QDrop without its terms
 (79.80): docs/methods.md, item 12. Their settings (``w_global``, ``global_form``,
-``fisher_samples``, ``global_rest``, ``global_batch``, ``w_local``, ``local_loss``) are
+``fisher_samples``, ``fisher_pool``, ``global_rest``, ``global_batch``, ``w_local``, ``local_loss``) are
 ``ReconConfig`` fields.
 """
 from ..registry import ReconMethod, register_method
