@@ -8,6 +8,7 @@ import argparse
 import ast
 import copy
 import json
+import platform
 import signal
 import subprocess
 import sys
@@ -181,6 +182,27 @@ def _commit() -> str | None:
     return out.stdout.strip() or None
 
 
+# The instruction-set extensions that decide this machine's speed (bf16 and int8 products).
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def _cpu() -> str:
+    """The CPU's model name and which of CPU_FEATURES it has, e.g. "AMD EPYC (avx2, avx512f)"."""
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:  # the first processor's entries
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+                if "model name" in info and "flags" in info:
+                    break
+    except OSError:
+        pass
+    name, flags = info.get("model name") or platform.processor() or platform.machine(), info.get("flags", "").split()
+    have = [feat for feat in CPU_FEATURES if feat in flags]
+    return f"{name} ({', '.join(have)})" if have else name
+
+
 def _check_classes(test, spec):
     """Warn when the data's classes cannot be the model head's (top-1 compares label indices)."""
     classes = getattr(test, "classes", None)
@@ -287,7 +309,7 @@ def cmd_quantize(args) -> dict:
         "calib_size": len(idx), "eval_size": eval_size, "seed": args.seed, "img_size": spec.img_size,
         "quantize_seconds": round(t_quant, 1), "seconds": round(time.time() - t0, 1),
         "config": json.loads(cfg.to_json()), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "commit": _commit(), "out": str(args.out) if args.out else None,
+        "cpu": _cpu(), "commit": _commit(), "out": str(args.out) if args.out else None,
         "budget": budget if reconstructs else None, "iters_per_unit": rcfg.iters if rcfg else None,
         "recon_config": rcfg.to_dict() if rcfg else None,
         "recon_units": [{k: getattr(u, k) for k in RECORD_KEYS} for u in record.units] if record else None,

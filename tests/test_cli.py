@@ -176,3 +176,5 @@ def test_recon_set_changes_the_reconstruction(capsys, tmp_path):
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["recon_config"]["stop_at"] == 0 and r["recon_config"]["carry"] == 1.0
     assert len(r["recon_units"]) == 8 and {u["level"] for u in r["recon_units"]} == {0}
+    # the machine it ran on: the CPU's name and the extensions that decide its speed
+    assert isinstance(r["cpu"], str) and r["cpu"] and r["threads"] >= 1
