@@ -156,6 +156,10 @@ VARIANTS = {
     # MGRQ's Fisher-form global term with its weights averaged over the calibration images
     # (one per token and channel) instead of one per image and element
     "mgrq-edge-fisherpool-lract": ("mgrq", LRACT + ["--recon-set", "fisher_pool=images"]),
+    # a third calibration set and batch order for the rows that decide the W4A4 ordering
+    "brecq-lract-edge-seed2": ("brecq", LRACT + ["--seed", "2"]),
+    "qdrop-lract-edge-seed2": ("qdrop", LRACT + ["--seed", "2"]),
+    "pfcr-lract-edge-seed2": ("pfcr", LRACT + ["--seed", "2"]),
 }
 
 
