@@ -113,7 +113,8 @@ VARIANTS = {
     # MGRQ's global term in its second-order form (global_form=fisher: the block's squared
     # error weighted by the float model's diagonal Fisher information, computed once per
     # block) at the block loss's weight, beside the local term at its default 0.1
-    "mgrq-edge-fisher1-lract": ("mgrq", LRACT + ["--recon-set", "global_form=fisher", "--recon-set", "w_global=1.0"]),
+    "mgrq-edge-fisher1-lract": ("mgrq", LRACT + ["--recon-set", "global_form=fisher", "--recon-set", "w_global=1.0",
+                                                "--recon-set", "fisher_pool=none"]),
     "qdrop-lract": ("qdrop", LRACT),
     "qdrop-lract-decay": ("qdrop", LRACT + DECAY),
     "mgrq-lract": ("mgrq", MGRQ_W1 + LRACT),
@@ -154,8 +155,9 @@ VARIANTS = {
     # at 1/2 of the 300 steps, for a run inside 45 minutes on 2 cores.
     "pfcr-lract-edge-short": ("pfcr", LRACT + ["--recon-set", "level_steps=(1.0,0.75,0.5)"]),
     # MGRQ's Fisher-form global term with its weights averaged over the calibration images
-    # (one per token and channel) instead of one per image and element
+    # (one per token and channel) instead of one per image and element (MGRQ's default since)
     "mgrq-edge-fisherpool-lract": ("mgrq", LRACT + ["--recon-set", "fisher_pool=images"]),
+    "mgrq-edge-fisherpool-lract-seed1": ("mgrq", LRACT + ["--recon-set", "fisher_pool=images", "--seed", "1"]),
     # a third calibration set and batch order for the rows that decide the W4A4 ordering
     "brecq-lract-edge-seed2": ("brecq", LRACT + ["--seed", "2"]),
     "qdrop-lract-edge-seed2": ("qdrop", LRACT + ["--seed", "2"]),

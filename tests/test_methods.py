@@ -100,7 +100,8 @@ def test_fastquant_methods_are_records():
     """brecq, qdrop, pfcr and mgrq differ only in their records' data and functions."""
     assert method_names()[:4] == ("brecq", "qdrop", "pfcr", "mgrq")
     assert get_method("brecq").defaults == {"qdrop_p": 0.0}
-    assert get_method("mgrq").defaults == {"qdrop_p": 0.5, "w_global": 1.0, "w_local": 0.1, "global_form": "fisher"}
+    assert get_method("mgrq").defaults == {"qdrop_p": 0.5, "w_global": 1.0, "w_local": 0.1, "global_form": "fisher",
+                                           "fisher_pool": "images"}
     assert ReconConfig(method="mgrq", iters=300).resolved("w_global") == 1.0  # its own default
     assert ReconConfig(method="mgrq").resolved("global_form") == "fisher"
     assert ReconConfig(method="qdrop").resolved("global_form") == "kl"  # the engine's default

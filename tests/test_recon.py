@@ -267,7 +267,9 @@ def test_fisher_global_term_weighs_what_the_prediction_reads(w4a4):
     noisy = target[:4] + 0.1
     assert term.value(noisy, StepBatch(idx, target[:4], target[:4])).item() == pytest.approx(
         (term.weights[:4] * 0.01).mean().item(), rel=1e-4)
-    # fisher_pool="images": the same estimate averaged over the images, one weight per token and channel
+    # fisher_pool="images" (MGRQ's default): the same estimate averaged over the images, one weight per
+    # token and channel
+    assert fast(method="mgrq").resolved("fisher_pool") == "images" and fast().resolved("fisher_pool") == "none"
     pooled = GlobalFisher(ctx(1, "images"))
     assert pooled.weights.shape == (1, *target.shape[1:])
     torch.testing.assert_close(pooled.weights[0], term.weights.mean(0) / term.weights.mean())

@@ -75,7 +75,8 @@ class ReconConfig:
       ``fisher_samples`` backward passes through the rest per unit instead of one per step.
       ``fisher_pool``: ``none`` keeps a weight per image and element; ``images`` averages
       the weights over the calibration images, one per token position and channel, so that
-      the images the float model is unsure of do not take the term to themselves.
+      the images the float model is unsure of do not take the term to themselves (None:
+      the method's default; MGRQ's is ``images``).
     - ``w_local``, ``local_loss``: the local loss term (MGRQ's) per QuantLinear in the
       unit: ``moments`` aligns the per-channel mean and standard deviation of the layer's
       output with the float layer's on the float input (normalised by the float
@@ -133,7 +134,7 @@ class ReconConfig:
     global_batch: Optional[int] = None
     global_form: Optional[str] = None  # None: the method's default, else "kl"
     fisher_samples: int = 2
-    fisher_pool: str = "none"
+    fisher_pool: Optional[str] = None  # None: the method's default, else "none"
     local_loss: str = "moments"
     seed: int = 0
     matmul_dtype: str = "auto"
@@ -205,7 +206,7 @@ class ReconConfig:
             raise FastquantError(f"global_rest must be one of {', '.join(GLOBAL_RESTS)}, got {self.global_rest!r}")
         if self.resolved("global_form") not in GLOBAL_FORMS:
             raise FastquantError(f"global_form must be one of {', '.join(GLOBAL_FORMS)}, got {self.global_form!r}")
-        if self.fisher_pool not in FISHER_POOLS:
+        if self.resolved("fisher_pool") not in FISHER_POOLS:
             raise FastquantError(f"fisher_pool must be one of {', '.join(FISHER_POOLS)}, got {self.fisher_pool!r}")
         if self.local_loss not in LOCAL_LOSSES:
             raise FastquantError(f"local_loss must be one of {', '.join(LOCAL_LOSSES)}, got {self.local_loss!r}")

@@ -118,7 +118,7 @@ class GlobalFisher(Term):
                     acc += g.detach().pow(2)
             parts.append((acc / k).to(target.device))
         w = torch.cat(parts)
-        if cfg.fisher_pool == "images":  # one weight per token position and channel
+        if cfg.resolved("fisher_pool") == "images":  # one weight per token position and channel
             w = w.mean(0, keepdim=True)
         self.weights = w / w.mean().clamp_min(1e-30)
 
