@@ -6,6 +6,9 @@ build of torch because its compiled ops need CUDA libraries
 registers fake kernels for lets the Python part of torchvision import; only
 torchvision's own C++ ops (nms, roi_align, ...) stay unusable, and fastquant uses
 none of them. The shim is applied only when the normal import fails.
+
+``cpu_info`` reads what the CPU is and offers (Linux's /proc/cpuinfo), for the records of
+a run and for choices that depend on the instruction set.
 """
 from __future__ import annotations
 
@@ -42,3 +45,20 @@ def import_timm():
     import timm
 
     return timm
+
+
+def cpu_info() -> tuple[str | None, list[str] | None]:
+    """The first processor's model name and flags from /proc/cpuinfo, each None where they
+    cannot be read (another OS, no such entry)."""
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+                if "model name" in info and "flags" in info:
+                    break
+    except OSError:
+        pass
+    flags = info.get("flags")
+    return info.get("model name") or None, flags.split() if flags is not None else None

@@ -17,6 +17,7 @@ import time
 import warnings
 from pathlib import Path
 
+from ._compat import cpu_info
 from .config import CALIB_PRESETS
 from .errors import FastquantError
 from .files import atomic_write_text, check_writable, check_writable_folder
@@ -188,18 +189,9 @@ CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "am
 
 def _cpu() -> str:
     """The CPU's model name and which of CPU_FEATURES it has, e.g. "AMD EPYC (avx2, avx512f)"."""
-    info = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:  # the first processor's entries
-                key, _, value = line.partition(":")
-                info.setdefault(key.strip(), value.strip())
-                if "model name" in info and "flags" in info:
-                    break
-    except OSError:
-        pass
-    name, flags = info.get("model name") or platform.processor() or platform.machine(), info.get("flags", "").split()
-    have = [feat for feat in CPU_FEATURES if feat in flags]
+    name, flags = cpu_info()
+    name = name or platform.processor() or platform.machine()
+    have = [feat for feat in CPU_FEATURES if feat in (flags or ())]
     return f"{name} ({', '.join(have)})" if have else name
 
 

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .._compat import cpu_info
 from ..errors import FastquantError
 from ..files import atomic_write, check_writable
 from ..nn import QuantConv2d, QuantLinear, QuantMatMul
@@ -228,11 +229,7 @@ def cpu_saturates() -> bool:
 
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
-    except OSError:
-        return False
+    flags = cpu_info()[1]
     return flags is not None and "avx2" in flags and not {"avx512_vnni", "avx_vnni"} & set(flags)
 
 
