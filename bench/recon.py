@@ -162,9 +162,11 @@ VARIANTS = {
     # 1.70 points against BRECQ over three seeds at this budget (qdrop 77.55, brecq 79.25);
     # here it gave 76.75 against 77.90 with QDrop (seed 0), so MGRQ keeps qdrop_p 0.5
     "mgrq-edge-fisherpool-nodrop-lract": ("mgrq", LRACT + NODROP + ["--recon-set", "fisher_pool=images"]),
-    # MGRQ's defaults: W4A4 seed 2; W3A3; the digits (with --data imagefolder:... as above)
+    # MGRQ's defaults, W4A4 seed 2 (not run yet; mgrq-edge-fisherpool-lract also ran at W3A3
+    # and on the digits)
     "mgrq-edge-fisherpool-lract-seed2": ("mgrq", LRACT + ["--recon-set", "fisher_pool=images", "--seed", "2"]),
-    # the global term alone (no local term): local alone at 0.1 gave 77.20, QDrop 79.80
+    # the global term alone (no local term; not run yet): local alone at 0.1 gave 77.20,
+    # QDrop 79.80
     "mgrq-edge-fisherpool-nolocal-lract": ("mgrq", LRACT + ["--recon-set", "fisher_pool=images",
                                                             "--recon-set", "w_local=0.0"]),
     # a third calibration set and batch order for the rows that decide the W4A4 ordering
