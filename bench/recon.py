@@ -162,8 +162,8 @@ VARIANTS = {
     # 1.70 points against BRECQ over three seeds at this budget (qdrop 77.55, brecq 79.25);
     # here it gave 76.75 against 77.90 with QDrop (seed 0), so MGRQ keeps qdrop_p 0.5
     "mgrq-edge-fisherpool-nodrop-lract": ("mgrq", LRACT + NODROP + ["--recon-set", "fisher_pool=images"]),
-    # MGRQ's defaults, W4A4 seed 2 (not run yet; mgrq-edge-fisherpool-lract also ran at W3A3
-    # and on the digits)
+    # MGRQ's defaults, W4A4 seed 2 (mgrq-edge-fisherpool-lract also ran at W3A3 and on the
+    # digits)
     "mgrq-edge-fisherpool-lract-seed2": ("mgrq", LRACT + ["--recon-set", "fisher_pool=images", "--seed", "2"]),
     # the global term alone (no local term; not run yet): local alone at 0.1 gave 77.20,
     # QDrop 79.80
