@@ -13,9 +13,10 @@ respect to the block's output, computed once per block and averaged over the cal
 images, ``fisher_pool="images"``), weighed 1, and the local term 0.1 (each term normalised
 by its first value). Measured on W4A4 dinov2-s14-fmnist at the ``cpu`` budget, with the
 scaled ``lr_act``, local term at 0.1: the pooled Fisher form at 1 gave 77.90, per image
-75.50, the KL form at 0.01 73.20 and at 0.1 71.35, no global term 77.20 (the paper's
-weights with ``lr_act`` 4e-5: 55.95). Even so MGRQ stays below QDrop without its terms
-(79.80): docs/methods.md, item 12. Their settings (``w_global``, ``global_form``,
+75.50, the KL form at 0.01 73.20 and at 0.1 71.35, no global term 77.20, no local term
+76.80 (the paper's weights with ``lr_act`` 4e-5: 55.95). Over three seeds MGRQ (78.55)
+is 1.00 above QDrop without its terms and 0.70 below BRECQ: docs/methods.md, item 12.
+Their settings (``w_global``, ``global_form``,
 ``fisher_samples``, ``fisher_pool``, ``global_rest``, ``global_batch``, ``w_local``,
 ``local_loss``) are ``ReconConfig`` fields.
 """
@@ -30,7 +31,8 @@ MGRQ = register_method(ReconMethod(
     # the rest at 0.01 73.20, at 0.1 71.35 (the paper's weights 1 and lr_act 4e-5: 55.95).
     # The global term stays on: it is what makes the method MGRQ. Its Fisher weights pooled
     # over the images (fisher_pool="images"): 77.90 against 75.50 per image (one seed).
-    # QDrop stays: without it (qdrop_p=0) 76.75 against 77.90 (seed 0).
+    # QDrop stays: without it (qdrop_p=0) 76.75 against 77.90 (seed 0); so does the
+    # local term: without it (w_local=0) 76.80.
     defaults={"qdrop_p": 0.5, "w_global": 1.0, "w_local": 0.1, "global_form": "fisher", "fisher_pool": "images"},
     budgets={"cpu": {"global_batch": 8}},  # the KL form's global term on 8 images of each batch
 ))
