@@ -266,8 +266,14 @@ def main(argv=None):
     if not records:
         sys.exit("no finished runs to tabulate")
     out = ROOT / "bench" / "results" / f"recon_{label}_{args.budget}{'_' + args.name if args.name else ''}.json"
+    # the summary keeps the rows of its other settings (a later --settings 3/3 under the same
+    # --name adds to the 4/4 rows instead of replacing them)
+    key = lambda r: (r.get("row"), r["w_bits"], r["a_bits"])  # noqa: E731
+    ours = {key(r) for r in records}
+    kept = json.loads(out.read_text()).get("records", []) if out.is_file() else []
+    records_all = [r for r in kept if key(r) not in ours] + records
     meta = {"machine": platform.processor() or platform.machine(), "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d"), "budget": args.budget, "records": records}
+            "date": time.strftime("%Y-%m-%d"), "budget": args.budget, "records": records_all}
     out.write_text(json.dumps(meta, indent=2) + "\n")
     print(f"\nfull precision: {records[0]['fp_top1']:.2f} (first {args.eval_size} test images)\n")
     print("| method | W/A | top-1 | vs full precision | calibration images | budget | steps per unit | quantize time |")
