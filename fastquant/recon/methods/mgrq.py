@@ -31,8 +31,9 @@ MGRQ = register_method(ReconMethod(
     # the rest at 0.01 73.20, at 0.1 71.35 (the paper's weights 1 and lr_act 4e-5: 55.95).
     # The global term stays on: it is what makes the method MGRQ. Its Fisher weights pooled
     # over the images (fisher_pool="images"): 77.90 against 75.50 per image (one seed).
-    # QDrop stays: without it (qdrop_p=0) 76.75 against 77.90 (seed 0); so does the
-    # local term: without it (w_local=0) 76.80.
+    # QDrop stays (no ordering): without it (qdrop_p=0) W4A4 76.75 / 79.15 against 77.90 /
+    # 78.55, W3A3 70.25 / 65.30 against 65.45 / 65.85 (seeds 0 / 1). So does the local
+    # term: without it (w_local=0) 76.80 (seed 0).
     defaults={"qdrop_p": 0.5, "w_global": 1.0, "w_local": 0.1, "global_form": "fisher", "fisher_pool": "images"},
     budgets={"cpu": {"global_batch": 8}},  # the KL form's global term on 8 images of each batch
 ))
