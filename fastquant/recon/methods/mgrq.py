@@ -7,18 +7,18 @@ model's prediction) and Intra-Block Local Supervision (``local``: every layer's 
 distribution inside the block aligned with the float layer's). The paper weighs them 1
 each and takes the global term as the KL divergence from the float model's logits to those
 of the block's output run through the rest of the model (``global_form=kl``). Here the
-global term is by default that divergence's second-order form (``global_form=fisher``:
-the block's squared error weighted by the float model's diagonal Fisher information with
+global term is by default that divergence's second-order form (``global_form=fisher``: the
+block's squared error weighted by the float model's diagonal Fisher information with
 respect to the block's output, computed once per block and averaged over the calibration
 images, ``fisher_pool="images"``), weighed 1, and the local term 0.1 (each term normalised
 by its first value). Measured on W4A4 dinov2-s14-fmnist at the ``cpu`` budget, with the
 scaled ``lr_act``, local term at 0.1: the pooled Fisher form at 1 gave 77.90, per image
 75.50, the KL form at 0.01 73.20 and at 0.1 71.35, no global term 77.20, no local term
-76.80 (the paper's weights with ``lr_act`` 4e-5: 55.95). Over three seeds MGRQ (78.55)
-is 1.00 above QDrop without its terms and 0.70 below BRECQ: docs/methods.md, item 12.
-Their settings (``w_global``, ``global_form``,
-``fisher_samples``, ``fisher_pool``, ``global_rest``, ``global_batch``, ``w_local``,
-``local_loss``) are ``ReconConfig`` fields.
+76.80 (the paper's weights with ``lr_act`` 4e-5: 55.95). Over three seeds MGRQ (78.55) is
+1.00 above QDrop without its terms and 0.70 below BRECQ: docs/methods.md, item 12. Their
+settings (``w_global``, ``global_form``, ``fisher_samples``, ``fisher_pool``,
+``global_rest``, ``global_batch``, ``w_local``, ``local_loss``) are ``ReconConfig``
+fields.
 """
 from ..registry import ReconMethod, register_method
 
