@@ -173,6 +173,14 @@ VARIANTS = {
     # alone at 0.1 gave 77.20, QDrop 79.80
     "mgrq-edge-fisherpool-nolocal-lract": ("mgrq", LRACT + ["--recon-set", "fisher_pool=images",
                                                             "--recon-set", "w_local=0.0"]),
+    # the local term comparing each layer's output elements with the float layer's
+    # (local_loss=mse) instead of their per-channel means and deviations
+    "mgrq-edge-fisherpool-localmse-lract": ("mgrq", LRACT + ["--recon-set", "fisher_pool=images",
+                                                             "--recon-set", "local_loss=mse"]),
+    # the Fisher-weighted error in place of the block's plain output MSE (w_rec=0), as
+    # BRECQ's paper weighs the block output by the squared gradients of the task loss
+    "mgrq-edge-fisherpool-norec-lract": ("mgrq", LRACT + ["--recon-set", "fisher_pool=images",
+                                                          "--recon-set", "w_rec=0.0"]),
     # a third calibration set and batch order for the rows that decide the W4A4 ordering
     "brecq-lract-edge-seed2": ("brecq", LRACT + ["--seed", "2"]),
     "qdrop-lract-edge-seed2": ("qdrop", LRACT + ["--seed", "2"]),
