@@ -52,6 +52,9 @@ NODROP, CARRY1 = ["--recon-set", "qdrop_p=0.0"], ["--recon-set", "carry=1.0"]
 # Every MGRQ row before mgrq-edge-fisher1-lract took the global term as the KL divergence
 # through the rest (KL: global_form=kl, its default then).
 KL = ["--recon-set", "global_form=kl"]
+# MGRQ's Fisher-form weights averaged over the calibration images (its default since
+# mgrq-edge-fisherpool-lract; the rows name it so that they keep reproducing if it changes)
+POOL = ["--recon-set", "fisher_pool=images"]
 MGRQ_W1 = ["--recon-set", "w_global=1.0", "--recon-set", "w_local=1.0"] + KL
 MGRQ_PAPER = MGRQ_W1 + ["--recon-set", "lr_act=4e-5"]
 VARIANTS = {
@@ -156,40 +159,34 @@ VARIANTS = {
     "pfcr-lract-edge-short": ("pfcr", LRACT + ["--recon-set", "level_steps=(1.0,0.75,0.5)"]),
     # MGRQ's Fisher-form global term with its weights averaged over the calibration images
     # (one per token and channel) instead of one per image and element (MGRQ's default since)
-    "mgrq-edge-fisherpool-lract": ("mgrq", LRACT + ["--recon-set", "fisher_pool=images"]),
-    "mgrq-edge-fisherpool-lract-seed1": ("mgrq", LRACT + ["--recon-set", "fisher_pool=images", "--seed", "1"]),
+    "mgrq-edge-fisherpool-lract": ("mgrq", LRACT + POOL),
+    "mgrq-edge-fisherpool-lract-seed1": ("mgrq", LRACT + POOL + ["--seed", "1"]),
     # MGRQ's terms (pooled Fisher) on block reconstruction without QDrop: QDrop's 0.5 cost
     # 1.70 points against BRECQ over three seeds at this budget (qdrop 77.55, brecq 79.25);
     # here it gave 76.75 against 77.90 with QDrop (seed 0), so MGRQ keeps qdrop_p 0.5
-    "mgrq-edge-fisherpool-nodrop-lract": ("mgrq", LRACT + NODROP + ["--recon-set", "fisher_pool=images"]),
+    "mgrq-edge-fisherpool-nodrop-lract": ("mgrq", LRACT + NODROP + POOL),
     # the same at W3A3 gave 70.25 against 65.45 with QDrop (seed 0): a second seed for both
     # settings (W3A3 65.30 against 65.85, W4A4 79.15 against 78.55)
-    "mgrq-edge-fisherpool-nodrop-lract-seed1": ("mgrq", LRACT + NODROP + ["--recon-set", "fisher_pool=images",
-                                                                         "--seed", "1"]),
+    "mgrq-edge-fisherpool-nodrop-lract-seed1": ("mgrq", LRACT + NODROP + POOL + ["--seed", "1"]),
     # MGRQ's defaults, W4A4 seed 2 (mgrq-edge-fisherpool-lract also ran at W3A3 and on the
     # digits)
-    "mgrq-edge-fisherpool-lract-seed2": ("mgrq", LRACT + ["--recon-set", "fisher_pool=images", "--seed", "2"]),
+    "mgrq-edge-fisherpool-lract-seed2": ("mgrq", LRACT + POOL + ["--seed", "2"]),
     # the global term alone (no local term): 76.80 against 77.90 with it (seed 0); local
     # alone at 0.1 gave 77.20, QDrop 79.80
-    "mgrq-edge-fisherpool-nolocal-lract": ("mgrq", LRACT + ["--recon-set", "fisher_pool=images",
-                                                            "--recon-set", "w_local=0.0"]),
+    "mgrq-edge-fisherpool-nolocal-lract": ("mgrq", LRACT + POOL + ["--recon-set", "w_local=0.0"]),
     # the local term comparing each layer's output elements with the float layer's
     # (local_loss=mse) instead of their per-channel means and deviations
-    "mgrq-edge-fisherpool-localmse-lract": ("mgrq", LRACT + ["--recon-set", "fisher_pool=images",
-                                                             "--recon-set", "local_loss=mse"]),
+    "mgrq-edge-fisherpool-localmse-lract": ("mgrq", LRACT + POOL + ["--recon-set", "local_loss=mse"]),
     # the Fisher-weighted error in place of the block's plain output MSE (w_rec=0), as
     # BRECQ's paper weighs the block output by the squared gradients of the task loss
-    "mgrq-edge-fisherpool-norec-lract": ("mgrq", LRACT + ["--recon-set", "fisher_pool=images",
-                                                          "--recon-set", "w_rec=0.0"]),
+    "mgrq-edge-fisherpool-norec-lract": ("mgrq", LRACT + POOL + ["--recon-set", "w_rec=0.0"]),
     # QDrop's probability falling linearly to 0 over each unit's steps (qdrop_schedule=linear):
     # with QDrop MGRQ's blocks end with QDrop's output errors (last block 0.142 against
     # BRECQ's 0.077), without it the seeds spread 4.95 points at W3A3
     # (79.45 against 77.90 with QDrop constant, seed 0; seeds 1 and 2 decide)
-    "mgrq-edge-fisherpool-decay-lract": ("mgrq", LRACT + DECAY + ["--recon-set", "fisher_pool=images"]),
-    "mgrq-edge-fisherpool-decay-lract-seed1": ("mgrq", LRACT + DECAY + ["--recon-set", "fisher_pool=images",
-                                                                        "--seed", "1"]),
-    "mgrq-edge-fisherpool-decay-lract-seed2": ("mgrq", LRACT + DECAY + ["--recon-set", "fisher_pool=images",
-                                                                        "--seed", "2"]),
+    "mgrq-edge-fisherpool-decay-lract": ("mgrq", LRACT + DECAY + POOL),
+    "mgrq-edge-fisherpool-decay-lract-seed1": ("mgrq", LRACT + DECAY + POOL + ["--seed", "1"]),
+    "mgrq-edge-fisherpool-decay-lract-seed2": ("mgrq", LRACT + DECAY + POOL + ["--seed", "2"]),
     # a third calibration set and batch order for the rows that decide the W4A4 ordering
     "brecq-lract-edge-seed2": ("brecq", LRACT + ["--seed", "2"]),
     "qdrop-lract-edge-seed2": ("qdrop", LRACT + ["--seed", "2"]),

@@ -33,8 +33,9 @@ MGRQ = register_method(ReconMethod(
     # over the images (fisher_pool="images"): 77.90 against 75.50 per image (one seed).
     # QDrop stays (no ordering): without it (qdrop_p=0) W4A4 76.75 / 79.15 against 77.90 /
     # 78.55, W3A3 70.25 / 65.30 against 65.45 / 65.85 (seeds 0 / 1). So does the local
-    # term: without it (w_local=0) 76.80 (seed 0); as element MSE (local_loss=mse) 78.50, within
-    # the noise, so its moments stay. The plain block MSE stays: without it (w_rec=0) 75.50.
+    # term: without it (w_local=0) 76.80 (seed 0); as element MSE (local_loss=mse) 78.50,
+    # within the noise, so its moments stay. The plain block MSE stays: without it (w_rec=0)
+    # 75.50. QDrop decaying to 0 (qdrop_schedule=linear): 79.45, one seed, not yet an ordering.
     defaults={"qdrop_p": 0.5, "w_global": 1.0, "w_local": 0.1, "global_form": "fisher", "fisher_pool": "images"},
     budgets={"cpu": {"global_batch": 8}},  # the KL form's global term on 8 images of each batch
 ))
