@@ -100,8 +100,11 @@ def test_fastquant_methods_are_records():
     """brecq, qdrop, pfcr and mgrq differ only in their records' data and functions."""
     assert method_names()[:4] == ("brecq", "qdrop", "pfcr", "mgrq")
     assert get_method("brecq").defaults == {"qdrop_p": 0.0}
-    assert get_method("mgrq").defaults == {"qdrop_p": 0.5, "w_global": 1.0, "w_local": 0.1, "global_form": "fisher",
-                                           "fisher_pool": "images"}
+    assert get_method("mgrq").defaults == {"qdrop_p": 0.5, "qdrop_schedule": "linear", "w_global": 1.0, "w_local": 0.1,
+                                           "global_form": "fisher", "fisher_pool": "images"}
+    assert ReconConfig(method="mgrq").resolved("qdrop_schedule") == "linear"
+    assert ReconConfig(method="qdrop").resolved("qdrop_schedule") == "constant"
+    assert ReconConfig(method="mgrq", qdrop_schedule="constant").resolved("qdrop_schedule") == "constant"
     assert ReconConfig(method="mgrq", iters=300).resolved("w_global") == 1.0  # its own default
     assert ReconConfig(method="mgrq").resolved("global_form") == "fisher"
     assert ReconConfig(method="qdrop").resolved("global_form") == "kl"  # the engine's default

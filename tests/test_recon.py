@@ -327,6 +327,8 @@ def test_schedules_of_lr_and_qdrop(w4a4):
     cfg = fast(iters=10, qdrop_schedule="linear")
     assert [qdrop_at(cfg, 0.5, it) for it in (0, 5, 9)] == [0.5, 0.25, pytest.approx(0.05)]
     assert qdrop_at(fast(iters=10), 0.5, 9) == 0.5
+    assert qdrop_at(fast(method="mgrq", iters=10), 0.5, 5) == 0.25  # mgrq's default: linear
+    assert qdrop_at(fast(method="mgrq", iters=10, qdrop_schedule="constant"), 0.5, 5) == 0.5
     for bad in (dict(lr_schedule="step"), dict(qdrop_schedule="cosine")):
         with pytest.raises(fastquant.FastquantError, match="must be one of"):
             fast(**bad)

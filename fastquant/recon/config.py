@@ -58,7 +58,8 @@ class ReconConfig:
     - ``qdrop_p``: probability that an element of a quantized activation (and of the
       unit's input) is replaced by its float value while training; ``qdrop_schedule``:
       ``constant``, or ``linear``: the probability falls linearly from ``qdrop_p`` at the
-      first step to 0 at the last, so that the unit ends trained on fully quantized inputs.
+      first step to 0 at the last, so that the unit ends trained on fully quantized inputs
+      (None: the method's default, ``linear`` for ``mgrq``, else ``constant``).
     - ``w_global``, ``global_rest``, ``global_batch``: the global loss term (MGRQ's) runs
       the unit's output through the rest of the model ``quant``ized (later blocks in their
       current hard state) or in ``float``; it is the KL divergence from the float model's
@@ -121,7 +122,7 @@ class ReconConfig:
     lr_bias: float = 0.0
     lr_norm: float = 0.0
     lr_schedule: str = "constant"
-    qdrop_schedule: str = "constant"
+    qdrop_schedule: Optional[str] = None  # None: the method's default, else "constant"
     round_weight: float = 0.01
     warmup: float = 0.2
     beta: tuple = (20.0, 2.0)
@@ -212,7 +213,7 @@ class ReconConfig:
             raise FastquantError(f"local_loss must be one of {', '.join(LOCAL_LOSSES)}, got {self.local_loss!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise FastquantError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
-        if self.qdrop_schedule not in QDROP_SCHEDULES:
+        if self.resolved("qdrop_schedule") not in QDROP_SCHEDULES:
             raise FastquantError(f"qdrop_schedule must be one of {', '.join(QDROP_SCHEDULES)}, "
                                  f"got {self.qdrop_schedule!r}")
         if self.matmul_dtype not in MATMUL_DTYPES:

@@ -132,7 +132,7 @@ def _grid_bits_ok(layer: QuantLinear) -> bool:
 
 def qdrop_at(cfg: ReconConfig, p: float, it: int) -> float:
     """QDrop's probability at step ``it`` of a unit (``qdrop_schedule``)."""
-    if cfg.qdrop_schedule == "linear":
+    if cfg.resolved("qdrop_schedule") == "linear":
         return p * (1 - it / cfg.iters)
     return p
 
