@@ -15,9 +15,10 @@ images, ``fisher_pool="images"``), weighed 1, and the local term 0.1 (each term 
 by its first value). Measured on W4A4 dinov2-s14-fmnist at the ``cpu`` budget, with the
 scaled ``lr_act``, local term at 0.1: the pooled Fisher form at 1 gave 77.90, per image
 75.50, the KL form at 0.01 73.20 and at 0.1 71.35, no global term 77.20, no local term
-76.80 (the paper's weights with ``lr_act`` 4e-5: 55.95). Over three seeds MGRQ (78.55) is
-1.00 above QDrop without its terms and 0.70 below BRECQ: docs/methods.md, item 12. Their
-settings (``w_global``, ``global_form``, ``fisher_samples``, ``fisher_pool``,
+76.80 (the paper's weights with ``lr_act`` 4e-5: 55.95). With QDrop constant MGRQ
+gave 78.55 over three seeds (0.70 below BRECQ); with it decaying to 0, 79.77 (0.52 above
+BRECQ, 2.22 above QDrop without the terms): docs/methods.md, item 12. The
+settings (``qdrop_p``, ``qdrop_schedule``, ``w_global``, ``global_form``, ``fisher_samples``, ``fisher_pool``,
 ``global_rest``, ``global_batch``, ``w_local``, ``local_loss``) are ``ReconConfig``
 fields.
 """
