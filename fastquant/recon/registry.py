@@ -33,8 +33,8 @@ from .schedules import block_units
 # values when it does not.
 METHOD_FIELDS = ("qdrop_p", "qdrop_schedule", "w_global", "w_local", "global_form", "fisher_pool", "lr_act")
 # lr_act None: scaled with the steps (ReconConfig.resolved, auto_lr_act)
-BASE_DEFAULTS = {"qdrop_p": 0.0, "qdrop_schedule": "constant", "w_global": 0.0, "w_local": 0.0, "global_form": "kl", "fisher_pool": "none",
-                 "lr_act": None}
+BASE_DEFAULTS = {"qdrop_p": 0.0, "qdrop_schedule": "constant", "w_global": 0.0, "w_local": 0.0, "global_form": "kl",
+                 "fisher_pool": "none", "lr_act": None}
 
 
 @dataclass(frozen=True)
