@@ -197,7 +197,7 @@ VARIANTS = {
 # default then): those rows name it, so that they keep reproducing their results.
 STEADY = ["--recon-set", "qdrop_schedule=constant"]
 for _row, (_base, _extra) in list(VARIANTS.items()):
-    if _base == "mgrq" and "qdrop_schedule=linear" not in _extra:
+    if _base == "mgrq" and DECAY[-1] not in _extra:
         VARIANTS[_row] = (_base, _extra + STEADY)
 
 
