@@ -192,6 +192,14 @@ VARIANTS = {
     "brecq-lract-edge-seed2": ("brecq", LRACT + ["--seed", "2"]),
     "qdrop-lract-edge-seed2": ("qdrop", LRACT + ["--seed", "2"]),
     "pfcr-lract-edge-seed2": ("pfcr", LRACT + ["--seed", "2"]),
+    # QDrop with the decay at more seeds (seed 0: qdrop-lract-decay), and PFCR with QDrop at
+    # the paper's 0.5 again, now decaying to 0 over each unit's steps (PFCR runs without QDrop
+    # since constant 0.5 measured worse). QDrop decaying, W4A4: 80.30 / 79.45 (seeds 0 / 1,
+    # MGRQ 79.45 / 80.15); PFCR with it 79.15 (against 82.00 without QDrop), last unit 0.097
+    # (0.083): not kept
+    "qdrop-lract-decay-seed1": ("qdrop", LRACT + DECAY + ["--seed", "1"]),
+    "qdrop-lract-decay-seed2": ("qdrop", LRACT + DECAY + ["--seed", "2"]),
+    "pfcr-lract-drop-decay": ("pfcr", LRACT + ["--recon-set", "qdrop_p=0.5"] + DECAY),
 }
 # MGRQ's QDrop probability stayed constant in every MGRQ row before the decay rows (its
 # default then): those rows name it, so that they keep reproducing their results.
