@@ -194,8 +194,8 @@ VARIANTS = {
     "pfcr-lract-edge-seed2": ("pfcr", LRACT + ["--seed", "2"]),
     # QDrop with the decay at more seeds (seed 0: qdrop-lract-decay), and PFCR with QDrop at
     # the paper's 0.5 again, now decaying to 0 over each unit's steps (PFCR runs without QDrop
-    # since constant 0.5 measured worse). QDrop decaying, W4A4: 80.30 / 79.45 (seeds 0 / 1,
-    # MGRQ 79.45 / 80.15); PFCR with it 79.15 (against 82.00 without QDrop), last unit 0.097
+    # since constant 0.5 measured worse). QDrop decaying, W4A4: 80.30 / 79.45 / 78.75 (seeds
+    # 0 / 1 / 2, mean 79.50; MGRQ 79.45 / 80.15 / 79.70, 79.77); PFCR with it 79.15 (against 82.00 without QDrop), last unit 0.097
     # (0.083): not kept
     "qdrop-lract-decay-seed1": ("qdrop", LRACT + DECAY + ["--seed", "1"]),
     "qdrop-lract-decay-seed2": ("qdrop", LRACT + DECAY + ["--seed", "2"]),

@@ -17,7 +17,8 @@ scaled ``lr_act``, local term at 0.1: the pooled Fisher form at 1 gave 77.90, pe
 75.50, the KL form at 0.01 73.20 and at 0.1 71.35, no global term 77.20, no local term
 76.80 (the paper's weights with ``lr_act`` 4e-5: 55.95). With QDrop constant MGRQ
 gave 78.55 over three seeds (0.70 below BRECQ); with it decaying to 0, 79.77 (0.52 above
-BRECQ, 2.22 above QDrop without the terms): docs/methods.md, item 12. The settings
+BRECQ, 2.22 above QDrop as published, but only 0.27 above QDrop given the same decay,
+79.50: the gain is the decay's): docs/methods.md, item 12. The settings
 (``qdrop_p``, ``qdrop_schedule``, ``w_global``, ``global_form``, ``fisher_samples``,
 ``fisher_pool``, ``global_rest``, ``global_batch``, ``w_local``, ``local_loss``) are
 ``ReconConfig`` fields.
