@@ -195,8 +195,8 @@ VARIANTS = {
     # QDrop with the decay at more seeds (seed 0: qdrop-lract-decay), and PFCR with QDrop at
     # the paper's 0.5 again, now decaying to 0 over each unit's steps (PFCR runs without QDrop
     # since constant 0.5 measured worse). QDrop decaying, W4A4: 80.30 / 79.45 / 78.75 (seeds
-    # 0 / 1 / 2, mean 79.50; MGRQ 79.45 / 80.15 / 79.70, 79.77); PFCR with it 79.15 (against 82.00 without QDrop), last unit 0.097
-    # (0.083): not kept
+    # 0 / 1 / 2, mean 79.50; MGRQ 79.45 / 80.15 / 79.70, 79.77); PFCR with it 79.15 (82.00
+    # without QDrop), its last unit at 0.097 (0.083): not kept
     "qdrop-lract-decay-seed1": ("qdrop", LRACT + DECAY + ["--seed", "1"]),
     "qdrop-lract-decay-seed2": ("qdrop", LRACT + DECAY + ["--seed", "2"]),
     "pfcr-lract-drop-decay": ("pfcr", LRACT + ["--recon-set", "qdrop_p=0.5"] + DECAY),
