@@ -35,8 +35,8 @@ scaled default), against 55.25 with the settings the paper describes (POS
 an MLP half's output error 2.6x that of the same unit without it (bench/unit_compare.py),
 QDrop costs 8-17 points at 300 steps per unit (2.85 with its probability decaying to 0
 over each unit's steps: 79.15 against 82.00 with today's calibration), ``carry=0.5``
-undoes decided rounding the coarse levels do not win back, and with the rounding hard after level 0 the coarse levels
-only retrain activation steps; with ``anneal="levels"`` they still move the rounding and
+undoes decided rounding the coarse levels do not win back, and with the rounding hard
+after level 0 the coarse levels only retrain activation steps; with ``anneal="levels"`` they still move the rounding and
 lower the last blocks' output error (block 11: 0.100 -> 0.081). The paper's settings stay
 available: ``pos=True, qdrop_p=0.5, carry=0.5, anneal="unit"``.
 """
