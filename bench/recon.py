@@ -55,6 +55,7 @@ KL = ["--recon-set", "global_form=kl"]
 # MGRQ's Fisher-form weights averaged over the calibration images (its default since
 # mgrq-edge-fisherpool-lract; the rows name it so that they keep reproducing if it changes)
 POOL = ["--recon-set", "fisher_pool=images"]
+GPTQ_START = ["--recon-set", "round_start=gptq"]
 MGRQ_W1 = ["--recon-set", "w_global=1.0", "--recon-set", "w_local=1.0"] + KL
 MGRQ_PAPER = MGRQ_W1 + ["--recon-set", "lr_act=4e-5"]
 VARIANTS = {
@@ -200,6 +201,11 @@ VARIANTS = {
     "qdrop-lract-decay-seed1": ("qdrop", LRACT + DECAY + ["--seed", "1"]),
     "qdrop-lract-decay-seed2": ("qdrop", LRACT + DECAY + ["--seed", "2"]),
     "pfcr-lract-drop-decay": ("pfcr", LRACT + ["--recon-set", "qdrop_p=0.5"] + DECAY),
+    # The learned rounding starting from GPTQ's (ReconConfig.round_start="gptq": around each
+    # block Linear's GPTQ-compensated weight) instead of round-to-nearest
+    "pfcr-lract-gptqstart": ("pfcr", LRACT + GPTQ_START),
+    "pfcr-lract-gptqstart-seed1": ("pfcr", LRACT + GPTQ_START + ["--seed", "1"]),
+    "brecq-lract-gptqstart": ("brecq", LRACT + GPTQ_START),
 }
 # MGRQ's QDrop probability stayed constant in every MGRQ row before the decay rows (its
 # default then): those rows name it, so that they keep reproducing their results.

@@ -216,6 +216,10 @@ def test_gptq_rounding_lowers_the_output_error():
     assert not torch.equal(opt, near)
     err = lambda q: (x @ (q - w).t()).pow(2).mean()
     assert err(opt) < 0.7 * err(near)
+    # The compensated weights (each column as GPTQ rounded it) round to GPTQ's choice.
+    again, before = gptq_round(w, wq, x.t() @ x / len(x), compensated=True)
+    assert torch.equal(again, opt) and torch.equal(round_to_grid(before, wq), opt)
+    assert torch.equal(before[:, 0], w[:, 0]) and not torch.allclose(before, w, atol=1e-3)
 
 
 def test_conv_patches_are_what_the_weight_multiplies():

@@ -112,6 +112,31 @@ def test_adaround_starts_at_the_float_weight_and_rtn(w4a4):
     assert torch.equal(ada(layer.weight).detach(), rtn)
 
 
+def test_gptq_round_start_begins_at_gptqs_rounding(w4a4):
+    """round_start="gptq": the learned rounding starts as GPTQ's (computed here from
+    calibration's own input statistics); with learning rates too small to move it, the
+    written-back weights are GPTQ's, where the default start gives round-to-nearest."""
+    from fastquant.calib import linear_input_stats
+    from fastquant.quant import gptq_round
+
+    model, q0, calib = w4a4
+    ref = copy.deepcopy(q0)
+    fc1 = ref.blocks[1].mlp.fc1
+    nearest = fc1.weight_quant(fc1.weight).detach()
+    st = linear_input_stats(ref, [calib], covariance={fc1}, progress=False)[fc1]  # leaves quantizers off
+    expect = gptq_round(fc1.weight, fc1.weight_quant, st.second_moment())
+    assert (expect != nearest).float().mean() > 0.05
+    out = {}
+    for start in ("gptq", "nearest"):
+        q = copy.deepcopy(q0)
+        cfg = fast(method="brecq", round_start=start, iters=2, lr_round=1e-12, lr_act=1e-12, round_weight=0.0)
+        recon.reconstruct(q, [["mlp1"]], calib, cfg, fp_model=model, progress=False)
+        out[start] = q.blocks[1].mlp.fc1.weight.detach()
+        assert torch.equal(q.blocks[0].mlp.fc1.weight, q0.blocks[0].mlp.fc1.weight)  # not in the schedule
+    assert (out["gptq"] == expect).float().mean() > 0.999
+    assert (out["nearest"] == nearest).float().mean() > 0.999
+
+
 def test_write_back_reproduces_the_hard_rounding(w4a4):
     """After write-back the plain quantizers give exactly the wrapped model's output."""
     _, q, calib = w4a4
@@ -406,9 +431,10 @@ def test_pfcr_level_steps_shorten_the_coarse_levels(w4a4):
     assert [(u.level, u.iters, len(u.history)) for u in run.units] == [(0, 6, 6)] * 8 + [(1, 3, 3)] * 4
 
 
-def test_resume_gives_the_uninterrupted_result(w4a4, tmp_path):
+@pytest.mark.parametrize("start", ["nearest", "gptq"])
+def test_resume_gives_the_uninterrupted_result(w4a4, tmp_path, start):
     model, q0, calib = w4a4
-    cfg = fast(iters=5, stop_at=1)
+    cfg = fast(iters=5, stop_at=1, round_start=start)
     whole = copy.deepcopy(q0)
     full = recon.run_method(model, whole, calib, "pfcr", cfg, state_dir=tmp_path / "a", progress=False)
 
@@ -450,6 +476,7 @@ def test_resume_gives_the_uninterrupted_result(w4a4, tmp_path):
     (dict(global_form="exact"), "global_form must be one of kl, fisher"),
     (dict(fisher_samples=0), "fisher_samples must be a positive integer"),
     (dict(fisher_pool="tokens"), "fisher_pool must be one of none, images"),
+    (dict(round_start="adaround"), "round_start must be one of nearest, gptq"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(fastquant.FastquantError, match=match):

@@ -7,7 +7,7 @@
 ``spec`` is a :class:`CalibSpec`, everything decided; ``fastquant.QuantConfig`` makes one.
 """
 from .calibrate import calibrate, edge_layers, weight_quantizers
-from .gptq import gptq_round, round_to_grid
+from ..quant.gptq import gptq_round, round_to_grid
 from .observe import InputStats, error_weight_hooks, linear_input_stats
 from .reparam import reparameterize
 from .spec import CALIB_FIELDS, PRESETS, SOFTMAX_QUANTIZERS, WEIGHT_ROUNDING, CalibSpec, auto_softmax

@@ -7,7 +7,7 @@ from tqdm import tqdm
 
 from ..nn import QuantConv2d, QuantLinear
 from ..quant import quantizers_in, set_mode
-from .gptq import gptq_round
+from ..quant.gptq import gptq_round
 from .observe import conv_input_stats, error_weight_hooks, forward_with_input_hooks, linear_input_stats
 from .reparam import reparameterize
 from .spec import CalibSpec

@@ -104,6 +104,21 @@ class AdaRoundWeight(Learnable):
             self.register_buffer("w_floor", floor)  # saved with the state: V is relative to it
             self.alpha = nn.Parameter(inverse_rectified_sigmoid(x - floor))
         self.soft = False
+        self.start: Optional[torch.Tensor] = None  # the weight the rounding started from, if not the layer's
+
+    @torch.no_grad()
+    def start_from(self, start: torch.Tensor, restart: bool = True):
+        """Restart the rounding from ``start`` (a weight of the layer's shape) instead of the
+        layer's float weight: the two grid points around it, h = frac(start / s), so that
+        the hard rounding begins as ``start``'s round-to-nearest (for GPTQ's compensated
+        weights, GPTQ's rounding). The layer's weight stays as it is (float stages use it);
+        :meth:`blend` moves toward ``start``. ``restart=False`` only records ``start`` for
+        :meth:`blend` (for a resumed run, whose rounding comes from its saved state)."""
+        if restart:
+            x = start.detach().to(self.w_floor) / self.quantizer.scale
+            self.w_floor.copy_(torch.floor(x))
+            self.alpha.copy_(inverse_rectified_sigmoid(x - self.w_floor))
+        self.start = start.detach().clone()
 
     def reset(self):
         self.soft, self.float_ = False, False
@@ -123,11 +138,13 @@ class AdaRoundWeight(Learnable):
 
     @torch.no_grad()
     def blend(self, weight: torch.Tensor, keep: float):
-        """Move the rounding toward the float weight: h <- keep * h + (1 - keep) * frac(W/s).
+        """Move the rounding toward the float weight: h <- keep * h + (1 - keep) * frac(W/s)
+        (toward the weight of :meth:`start_from` where the rounding started from one).
         With ``keep = 0.5`` a decided rounding (h = 0 or 1) keeps its hard decision but
         sits halfway to the float weight, where the loss can still move it; ``keep = 1``
         keeps V as it is, ``keep = 0`` restarts from the float weight."""
-        frac = weight.detach() / self.quantizer.scale - self.w_floor
+        anchor = weight if self.start is None else self.start
+        frac = anchor.detach() / self.quantizer.scale - self.w_floor
         self.alpha.copy_(inverse_rectified_sigmoid(keep * self.h() + (1 - keep) * frac.clamp(0, 1)))
 
     def grid(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

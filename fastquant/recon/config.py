@@ -28,6 +28,7 @@ LOCAL_LOSSES = ("moments", "mse")
 MATMUL_DTYPES = ("auto", "float32", "bfloat16")
 LR_SCHEDULES = ("constant", "cosine")
 QDROP_SCHEDULES = ("constant", "linear")
+ROUND_STARTS = ("nearest", "gptq")
 GRID_MAX_BITS = 4  # widest weight and activation codes that take the bf16 grid product
 # AdaRound's usual learning rate and the iteration count it was tuned for (arXiv 2004.10568, BRECQ, QDrop).
 LR_ROUND, LR_ROUND_ITERS, LR_ROUND_MAX = 1e-3, 20000, 0.1
@@ -54,6 +55,13 @@ class ReconConfig:
     then beta falls linearly from ``beta[0]`` to ``beta[1]``. Each loss term is divided
     by its value at the first step (of each stage), then weighted by ``w_rec``,
     ``w_global``, ``w_local``.
+
+    - ``round_start``: where the learned rounding starts: ``nearest``, between the two grid
+      points around each float weight with h = frac(W/s) (AdaRound's start), or ``gptq``:
+      around GPTQ's error-compensated weight of each block Linear (``gptq_round`` with
+      ``compensated=True``, on the second moment of the layer's float input over the
+      calibration images), so that the hard rounding starts as GPTQ's instead of
+      round-to-nearest; the float weights stay as they are.
 
     - ``qdrop_p``: probability that an element of a quantized activation (and of the
       unit's input) is replaced by its float value while training; ``qdrop_schedule``:
@@ -124,6 +132,7 @@ class ReconConfig:
     lr_schedule: str = "constant"
     qdrop_schedule: Optional[str] = None  # None: the method's default, else "constant"
     round_weight: float = 0.01
+    round_start: str = "nearest"
     warmup: float = 0.2
     beta: tuple = (20.0, 2.0)
     qdrop_p: Optional[float] = None
@@ -216,6 +225,8 @@ class ReconConfig:
         if self.resolved("qdrop_schedule") not in QDROP_SCHEDULES:
             raise FastquantError(f"qdrop_schedule must be one of {', '.join(QDROP_SCHEDULES)}, "
                                  f"got {self.qdrop_schedule!r}")
+        if self.round_start not in ROUND_STARTS:
+            raise FastquantError(f"round_start must be one of {', '.join(ROUND_STARTS)}, got {self.round_start!r}")
         if self.matmul_dtype not in MATMUL_DTYPES:
             raise FastquantError(f"matmul_dtype must be one of {', '.join(MATMUL_DTYPES)}, got {self.matmul_dtype!r}")
         if not is_int(self.seed):

@@ -48,7 +48,7 @@ from tqdm import tqdm
 from ..adapters import Unit, embed, find_vit, run_span, unit_modules
 from ..errors import FastquantError
 from ..nn import QuantLinear
-from ..quant import AdaRoundWeight, beta_at, quantizers_in, set_mode
+from ..quant import AdaRoundWeight, beta_at, gptq_round, quantizers_in, quantizers_off, set_mode
 from ..record import record_of
 from ..validate import check_images
 from .checkpoint import Checkpoint, fingerprint
@@ -245,6 +245,38 @@ class _Engine:
                 raise FastquantError(f"the weights of {self.names[layer]} are already rounded to their quantization grid "
                                      f"({on_grid:.0%} on it): reconstruction learns the rounding and needs the float "
                                      "weights (quantize with round-to-nearest weights, not GPTQ)")
+
+    @torch.no_grad()
+    def start_rounding_from_gptq(self, restart: bool = True):
+        """``round_start="gptq"``: every learned rounding restarts around GPTQ's compensated
+        weight of its layer (:meth:`AdaRoundWeight.start_from`), GPTQ taking the second
+        moment of the layer's input in one float pass of the model over the calibration
+        images (quantizers off, as calibration's GPTQ does). ``restart=False`` (a resumed
+        run: its rounding comes from the saved state) only records the start weights."""
+        layers = list(self.state.weights)
+        sums = {m: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for m in layers}
+        rows = {m: 0 for m in layers}
+
+        def hook(mod, inp):
+            x = mod.prepare_input(inp[0].detach()).reshape(-1, mod.in_features).double()
+            sums[mod] += (x.t() @ x).cpu()
+            rows[mod] += len(x)
+
+        handles = [m.register_forward_pre_hook(hook) for m in layers]
+        try:
+            with quantizers_off(quantizers_in(self.model)):
+                bs = self.cfg.capture_batch_size
+                batches = range(0, len(self.images), bs)
+                for i in tqdm(batches, desc="GPTQ rounding start", leave=False, disable=not self.progress):
+                    self.model(self.images[i:i + bs].to(self.device))
+        finally:
+            for h in handles:
+                h.remove()
+        for m in tqdm(layers, desc="GPTQ rounding start", leave=False, disable=not self.progress):
+            w = self.state.weights[m]
+            second = (sums[m] / max(rows[m], 1)).to(m.weight.device)
+            _, before = gptq_round(m.weight, w.quantizer, second, compensated=True)
+            w.start_from(before, restart)
 
     # -- batched no-grad maps over the calibration set -------------------------------
     def _map(self, fn: Callable, x: torch.Tensor) -> torch.Tensor:
@@ -470,6 +502,8 @@ def reconstruct(model: nn.Module, levels, calib_images: torch.Tensor, cfg: Recon
             record.units = [UnitRecord(**u) for u in resumed["record"]["units"]]
             record.resumed_from = done
         engine.check_float_weights()
+        if cfg.round_start == "gptq":  # also on resume, for blend(); the saved state holds the rounding
+            engine.start_rounding_from_gptq(restart=resumed is None)
         stream, ran = None, 0
         for k in range(done, len(flat)):
             if max_units is not None and ran >= max_units:
