@@ -205,7 +205,6 @@ VARIANTS = {
     # block Linear's GPTQ-compensated weight) instead of round-to-nearest: a lower error
     # before training, none after; PFCR 81.10 (82.00 from nearest), BRECQ 79.50 (79.60): not kept
     "pfcr-lract-gptqstart": ("pfcr", LRACT + GPTQ_START),
-    "pfcr-lract-gptqstart-seed1": ("pfcr", LRACT + GPTQ_START + ["--seed", "1"]),
     "brecq-lract-gptqstart": ("brecq", LRACT + GPTQ_START),
 }
 # MGRQ's QDrop probability stayed constant in every MGRQ row before the decay rows (its
