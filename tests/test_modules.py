@@ -225,7 +225,7 @@ def test_gptq_rounding_lowers_the_output_error():
 def test_conv_patches_are_what_the_weight_multiplies():
     """A convolution's output is its input patches times the flattened weight, so GPTQ can
     treat the patch embedding as a Linear over patches."""
-    from fastquant.calib.observe import conv_patches
+    from fastquant.nn.observe import conv_patches
 
     model = small_vit()
     q = fastquant.quantize(model, torch.randn(4, 3, 32, 32), fastquant.QuantConfig(w_bits=8, a_bits=8, method="rtn"),

@@ -8,7 +8,8 @@
 """
 from .calibrate import calibrate, edge_layers, weight_quantizers
 from ..quant.gptq import gptq_round, round_to_grid
-from .observe import InputStats, error_weight_hooks, linear_input_stats
+from ..nn.observe import InputStats, linear_input_stats
+from .observe import error_weight_hooks
 from .reparam import reparameterize
 from .spec import CALIB_FIELDS, PRESETS, SOFTMAX_QUANTIZERS, WEIGHT_ROUNDING, CalibSpec, auto_softmax
 from .swap import Plan, plan_for, prepare, swap_modules

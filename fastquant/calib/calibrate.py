@@ -6,9 +6,10 @@ from torch import nn
 from tqdm import tqdm
 
 from ..nn import QuantConv2d, QuantLinear
+from ..nn.observe import conv_input_stats, forward_with_input_hooks, linear_input_stats
 from ..quant import quantizers_in, set_mode
 from ..quant.gptq import gptq_round
-from .observe import conv_input_stats, error_weight_hooks, forward_with_input_hooks, linear_input_stats
+from .observe import error_weight_hooks
 from .reparam import reparameterize
 from .spec import CalibSpec
 

@@ -48,6 +48,7 @@ from tqdm import tqdm
 from ..adapters import Unit, embed, find_vit, run_span, unit_modules
 from ..errors import FastquantError
 from ..nn import QuantLinear
+from ..nn.observe import linear_input_stats
 from ..quant import AdaRoundWeight, beta_at, gptq_round, quantizers_in, quantizers_off, set_mode
 from ..record import record_of
 from ..validate import check_images
@@ -254,28 +255,16 @@ class _Engine:
         images (quantizers off, as calibration's GPTQ does). ``restart=False`` (a resumed
         run: its rounding comes from the saved state) only records the start weights."""
         layers = list(self.state.weights)
-        sums = {m: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for m in layers}
-        rows = {m: 0 for m in layers}
-
-        def hook(mod, inp):
-            x = mod.prepare_input(inp[0].detach()).reshape(-1, mod.in_features).double()
-            sums[mod] += (x.t() @ x).cpu()
-            rows[mod] += len(x)
-
-        handles = [m.register_forward_pre_hook(hook) for m in layers]
-        try:
-            with quantizers_off(quantizers_in(self.model)):
-                bs = self.cfg.capture_batch_size
-                batches = range(0, len(self.images), bs)
-                for i in tqdm(batches, desc="GPTQ rounding start", leave=False, disable=not self.progress):
-                    self.model(self.images[i:i + bs].to(self.device))
-        finally:
-            for h in handles:
-                h.remove()
+        bs = self.cfg.capture_batch_size
+        batches = [self.images[i:i + bs].to(self.device) for i in range(0, len(self.images), bs)]
+        # the engine's input quantizers are learnable wrappers: observed in float, left as they are
+        with quantizers_off(quantizers_in(self.model)):
+            stats = linear_input_stats(self.model, batches, covariance=True, progress=self.progress, layers=layers,
+                                       quantized=False)
         for m in tqdm(layers, desc="GPTQ rounding start", leave=False, disable=not self.progress):
             w = self.state.weights[m]
-            second = (sums[m] / max(rows[m], 1)).to(m.weight.device)
-            _, before = gptq_round(m.weight, w.quantizer, second, compensated=True)
+            _, before = gptq_round(m.weight, w.quantizer, stats[m].second_moment().to(m.weight.device),
+                                   compensated=True)
             w.start_from(before, restart)
 
     # -- batched no-grad maps over the calibration set -------------------------------
