@@ -460,6 +460,55 @@ def test_resume_gives_the_uninterrupted_result(w4a4, tmp_path, start):
     assert not state_equal(resumed.state_dict(), q0.state_dict())
 
 
+@pytest.mark.parametrize("schedule", [["block3"], ["mlp1"]])
+def test_head_iters_trains_the_heads_input_step(w4a4, schedule):
+    """head_iters: after the units, the classifier head's input step is trained against the
+    float logits (on the final tokens: the stream's after block3, a fresh pass after mlp1),
+    recorded as a unit named "head" whose logits' MSE falls; nothing else changes."""
+    model, q0, calib = w4a4
+    plain, headed = copy.deepcopy(q0), copy.deepcopy(q0)
+    # all 32 images in every batch, a small step: the head's loss falls step by step
+    cfg = dict(method="brecq", lr_act=1e-3, batch_size=32)
+    ra = recon.reconstruct(plain, [schedule], calib, fast(**cfg), fp_model=model, progress=False)
+    rb = recon.reconstruct(headed, [schedule], calib, fast(**cfg, head_iters=40), fp_model=model, progress=False)
+    assert [u.name for u in ra.units] == schedule
+    assert [u.name for u in rb.units] == schedule + ["head"] and rb.complete
+    head = rb.units[-1]
+    with torch.no_grad():
+        expect = (plain(calib) - model(calib)).double().pow(2).mean().item()
+    assert head.mse_before == pytest.approx(expect, rel=1e-4)  # the plain run's logits
+    assert head.mse_after < head.mse_before and len(head.history) == 40
+    sa, sb = plain.state_dict(), headed.state_dict()
+    assert [k for k in sa if not torch.equal(sa[k], sb[k])] == ["head.input_quant.scale"]
+
+
+def test_head_iters_resumes_and_refuses_an_unquantized_head(w4a4, tmp_path):
+    model, q0, calib = w4a4
+    cfg = fast(method="brecq", iters=4, head_iters=6)
+    whole = copy.deepcopy(q0)
+    full = recon.run_method(model, whole, calib, "brecq", cfg, state_dir=tmp_path / "a", progress=False)
+    assert [u.name for u in full.units] == ["block0", "block1", "block2", "block3", "head"]
+    part = copy.deepcopy(q0)
+    first = recon.run_method(model, part, calib, "brecq", cfg, state_dir=tmp_path / "b", progress=False, max_units=4)
+    assert not first.complete and len(first.units) == 4
+    resumed = copy.deepcopy(q0)
+    second = recon.run_method(model, resumed, calib, "brecq", cfg, state_dir=tmp_path / "b", resume=True,
+                              progress=False)
+    assert second.complete and second.resumed_from == 4 and [u.history for u in second.units] == [
+        u.history for u in full.units]
+    assert state_equal(resumed.state_dict(), whole.state_dict())
+    again = copy.deepcopy(q0)  # a finished run resumed: the saved state, nothing trained twice
+    third = recon.run_method(model, again, calib, "brecq", cfg, state_dir=tmp_path / "b", resume=True,
+                             progress=False)
+    assert third.complete and third.resumed_from == 5 and state_equal(again.state_dict(), whole.state_dict())
+    bare = copy.deepcopy(q0)
+    bare.head.input_quant = None
+    before = copy.deepcopy(bare.state_dict())
+    with pytest.raises(fastquant.FastquantError, match="head_iters: the model's classifier"):
+        recon.run_method(model, bare, calib, "brecq", cfg, progress=False)
+    assert state_equal(bare.state_dict(), before)  # refused before any unit trained
+
+
 # -- bad input ----------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs,match", [
     (dict(w_rec=-1.0), "w_rec must be a non-negative"),
@@ -473,6 +522,8 @@ def test_resume_gives_the_uninterrupted_result(w4a4, tmp_path, start):
     (dict(beta=(2.0, 20.0)), "beta"),
     (dict(warmup=1.0), "warmup"),
     (dict(matmul_dtype="float16"), "matmul_dtype"),
+    (dict(head_iters=-1), "head_iters must be a non-negative integer"),
+    (dict(head_iters=2.5), "head_iters must be a non-negative integer"),
     (dict(global_form="exact"), "global_form must be one of kl, fisher"),
     (dict(fisher_samples=0), "fisher_samples must be a positive integer"),
     (dict(fisher_pool="tokens"), "fisher_pool must be one of none, images"),

@@ -97,6 +97,12 @@ class ReconConfig:
       norm and the head as quantized (what the classifier reads: the whole-token MSE
       weighs every token alike, the head pools them). 0: off. Measured on dinov2-s14-fmnist
       W4A4 (brecq, cpu budget, first 2,000 test images): 66.80 at 1 against 76.30 off.
+    - ``head_iters``: after the last unit, this many Adam steps train the classifier head's
+      input step (LSQ, at ``lr_act``, batches of ``batch_size``) to bring the head's logits
+      on the quantized model's final tokens to the float model's logits (MSE), over the
+      calibration images; the head's weights keep their rounding (GPTQ's, with the default
+      ``edge_rounding``) and no unit reconstructs the head otherwise. It counts as one more
+      unit of the run (its record is named ``head``; its MSEs are the logits'). 0: off.
     - ``matmul_dtype``: the dtype of the training steps' linear-layer products, taken on
       the integer grids with the scales applied in fp32 (``fastquant.ops.grid_linear``):
       ``bfloat16`` (exact products for hard-rounded operands, the result rounded to 8
@@ -142,6 +148,7 @@ class ReconConfig:
     w_global: Optional[float] = None
     w_local: Optional[float] = None
     w_head: float = 0.0
+    head_iters: int = 0
     global_rest: str = "quant"
     global_batch: Optional[int] = None
     global_form: Optional[str] = None  # None: the method's default, else "kl"
@@ -176,6 +183,8 @@ class ReconConfig:
                 continue
             if not is_int(v) or v < 1:
                 raise FastquantError(f"{name} must be a positive integer, got {v!r}")
+        if not is_int(self.head_iters) or self.head_iters < 0:
+            raise FastquantError(f"head_iters must be a non-negative integer (0: off), got {self.head_iters!r}")
         for name in ("lr_round", "lr_act"):
             v = getattr(self, name)
             if v is None:

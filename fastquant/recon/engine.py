@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..adapters import Unit, embed, find_vit, run_span, unit_modules
+from ..adapters import Unit, depth_of, embed, find_vit, run_span, unit_modules
 from ..errors import FastquantError
 from ..nn import QuantLinear
 from ..nn.observe import linear_input_stats
@@ -54,6 +54,7 @@ from ..record import record_of
 from ..validate import check_images
 from .checkpoint import Checkpoint, fingerprint
 from .config import GRID_MAX_BITS, ReconConfig, grid_dtype
+from .head import quantized_head, train_head_step
 from .learnable import LearnableState
 from .losses import TERMS, StepBatch
 from .registry import get_method
@@ -417,6 +418,20 @@ class _Engine:
         return UnitRecord(li, ui, unit.name, cfg.iters, history[0], history[-1], reg_last, mse_before, mse_after,
                           round(time.time() - t0, 3), history)
 
+    # -- the classifier head's input step (head_iters) -------------------------------
+    def train_head(self, s: Optional[_Stream], label: str) -> UnitRecord:
+        """``head_iters``: :func:`train_head_step` on the quantized model's final tokens of
+        the calibration images (from the stream when it is there, else one pass of the
+        model in its hard-rounded state) against the float model's logits."""
+        t0, model, end = time.time(), self.model, 2 * depth_of(self.model)
+        with torch.no_grad():
+            tokens = s.q if s is not None and s.at == end else \
+                self._map(lambda x: run_span(model, embed(model, x), 0, end), self.images)
+        history, before, after = train_head_step(model, tokens, self.float_logits(), self.cfg,
+                                                 _unit_seed(self.cfg.seed, self.n_levels, 0), self.progress, label)
+        return UnitRecord(self.n_levels, 0, "head", self.cfg.head_iters, history[0], history[-1], 0.0, before, after,
+                          round(time.time() - t0, 3), history)
+
 
 def reconstruct(model: nn.Module, levels, calib_images: torch.Tensor, cfg: ReconConfig | None = None, *,
                 fp_model: nn.Module | None = None, state_dir=None, resume: bool = False, progress: bool = True,
@@ -463,7 +478,7 @@ def reconstruct(model: nn.Module, levels, calib_images: torch.Tensor, cfg: Recon
     resumed = None
     if state_dir is not None:
         checkpoint = Checkpoint(state_dir, fingerprint(model, fp, cfg, levels, images))
-        resumed = checkpoint.open(resume, sum(len(level) for level in levels))
+        resumed = checkpoint.open(resume, sum(len(level) for level in levels) + (1 if cfg.head_iters else 0))
 
     was_training = [(m, m.training) for m in (model, fp)]
     model.eval()
@@ -476,6 +491,7 @@ def reconstruct(model: nn.Module, levels, calib_images: torch.Tensor, cfg: Recon
     engine = None
     record = ReconRecord(cfg.method, cfg.to_dict(), [[u.name for u in level] for level in levels])
     flat = [(li, ui, u) for li, level in enumerate(levels) for ui, u in enumerate(level)]
+    total = len(flat) + (1 if cfg.head_iters else 0)  # the head's step counts as the last unit
     done = 0
     try:
         engine = _Engine(model, fp, levels, images, cfg, progress)
@@ -491,6 +507,8 @@ def reconstruct(model: nn.Module, levels, calib_images: torch.Tensor, cfg: Recon
             record.units = [UnitRecord(**u) for u in resumed["record"]["units"]]
             record.resumed_from = done
         engine.check_float_weights()
+        if cfg.head_iters:
+            quantized_head(model)  # refused now, not after the units have trained
         if cfg.round_start == "gptq":  # also on resume, for blend(); the saved state holds the rounding
             engine.start_rounding_from_gptq(restart=resumed is None)
         stream, ran = None, 0
@@ -507,11 +525,20 @@ def reconstruct(model: nn.Module, levels, calib_images: torch.Tensor, cfg: Recon
             record.units.append(rec)
             done, ran = k + 1, ran + 1
             if checkpoint is not None:
-                record.complete = done == len(flat)
+                record.complete = done == total
                 checkpoint.save(model.state_dict(), done, record.to_dict())
             if on_unit is not None:
                 on_unit(rec)
-        record.complete = done == len(flat)
+        if done == len(flat) < total and (max_units is None or ran < max_units):
+            rec = engine.train_head(stream, f"head ({total}/{total})")
+            record.units.append(rec)
+            done, ran = total, ran + 1
+            if checkpoint is not None:
+                record.complete = True
+                checkpoint.save(model.state_dict(), done, record.to_dict())
+            if on_unit is not None:
+                on_unit(rec)
+        record.complete = done == total
     finally:
         if engine is not None:
             engine.state.write_back()
