@@ -47,8 +47,7 @@ def main(argv=None):
     from fastquant.adapters import depth_of, embed, run_head, run_span
     from fastquant.data import calibration_indices, load_dataset, stack
     from fastquant.models import load_model
-    from fastquant.recon import ReconConfig
-    from fastquant.recon.head import quantized_head, train_head_step
+    from fastquant.recon import ReconConfig, quantized_head, train_head_step
     from fastquant.serialize import read_config, read_metadata
     from run import commit, device_name, versions
 

@@ -21,6 +21,7 @@ from ..adapters import Unit, embed, find_vit, run_head, run_rest, run_span, run_
 from ..quant import ActQuant, AdaRoundWeight
 from .config import ReconConfig, auto_lr_round
 from .engine import ReconRecord, UnitContext, UnitRecord, float_copy, hard_codes, reconstruct, run_method, schedule_for
+from .head import quantized_head, train_head_step
 from .learnable import LearnableState
 from .losses import TERMS, StepBatch, Term, TermSpec, register_term
 from .methods.pfcr import pfcr_levels
@@ -30,7 +31,7 @@ from .schedules import block_units, normalize_schedule, schedule_from_names
 
 __all__ = [
     "ReconConfig", "auto_lr_round", "ReconRecord", "UnitContext", "UnitRecord", "float_copy", "hard_codes",
-    "reconstruct", "run_method", "schedule_for", "LearnableState", "ActQuant", "AdaRoundWeight", "TERMS", "StepBatch",
+    "reconstruct", "run_method", "schedule_for", "quantized_head", "train_head_step", "LearnableState", "ActQuant", "AdaRoundWeight", "TERMS", "StepBatch",
     "Term", "TermSpec", "register_term", "pfcr_levels", "plot_losses", "Option", "ReconMethod", "Stage", "get_method",
     "method_names", "register_method", "register_option", "block_units", "normalize_schedule", "schedule_from_names",
     "Unit", "embed", "find_vit", "run_head", "run_rest", "run_span", "run_unit", "unit_by_name",

@@ -445,7 +445,9 @@ def reconstruct(model: nn.Module, levels, calib_images: torch.Tensor, cfg: Recon
     ``state_dir``: save the state after every unit there; ``resume``: continue from it
     (an existing state without ``resume``, or one from a different run, is an error and
     nothing is overwritten). ``max_units``: stop after this many units (the state stays
-    resumable). ``on_unit``: called with each finished unit's record.
+    resumable). ``on_unit``: called with each finished unit's record. With
+    ``cfg.head_iters`` the classifier head's input step is trained after the last unit
+    (``fastquant.recon.head``), one more unit of the run, recorded as ``head``.
     Returns the record of per-unit losses; the model ends with hard rounding written back.
     """
     cfg = ReconConfig() if cfg is None else cfg
